@@ -1,0 +1,20 @@
+"""The LoRA parameterization: config, A/B pairing pytree, NNX and Linen transforms, merge/unmerge."""
+
+from .config import LoraConfig
+from .nnx_lora import (
+    KernelSpec,
+    LoRAGate,
+    LoRALayer,
+    LoRAMask,
+    LoRAParam,
+    LoRAStat,
+    adaptable_paths,
+    apply_lora,
+    decay_base_weights,
+    lora_layers,
+    lora_state,
+    merge_and_unwrap,
+    merge_lora,
+    unmerge_lora,
+)
+from .pairing import LoraPair, is_lora_pair, lora_scale, pair_matrices

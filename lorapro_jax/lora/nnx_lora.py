@@ -1,0 +1,445 @@
+"""LoRA as a Flax NNX module transform.
+
+``apply_lora(model, config, rngs=...)`` wraps every targeted ``nnx.Linear`` / ``nnx.LinearGeneral`` /
+``nnx.Einsum`` in a :class:`LoRALayer` that computes ``base(x) + s * ((x @ a) * gate) @ b``
+without ever materialising ``W0 + s * a @ b`` in the forward pass. The factors live in a single
+:class:`LoRAParam` whose value is a :class:`~lorapro_jax.lora.pairing.LoraPair`, so
+``nnx.state(model, LoRAParam)`` is the explicit A/B pairing that the optimizers consume, and
+``nnx.Optimizer(model, tx, wrt=LoRAParam)`` trains only the adapters.
+
+Reference: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from .config import LoraConfig
+from .pairing import LoraPair, pair_matrices
+
+__all__ = [
+    "LoRAParam",
+    "LoRAGate",
+    "LoRAMask",
+    "LoRAStat",
+    "KernelSpec",
+    "LoRALayer",
+    "apply_lora",
+    "adaptable_paths",
+    "lora_layers",
+    "lora_state",
+    "merge_lora",
+    "unmerge_lora",
+    "merge_and_unwrap",
+    "decay_base_weights",
+]
+
+
+class LoRAParam(nnx.Param):
+    """Trainable LoRA factors. Its value is a :class:`LoraPair` ``(a, b, scale)``."""
+
+
+class LoRAGate(nnx.Variable):
+    """Per-rank gate ``(r,)`` multiplying the rank-``r`` bottleneck (ones; 0/1 rank mask or ALoRA gates)."""
+
+
+class LoRAMask(nnx.Variable):
+    """Elementwise 0/1 mask with the shape of ``a`` (PRILoRA pruning of A)."""
+
+
+class LoRAStat(nnx.Variable):
+    """Running statistics of a LoRA layer (e.g. EMA of per-feature input norms ``(*in_shape,)``)."""
+
+
+_ADAPTABLE = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+# Leaf modules with weights that LoRA does not adapt; matching one of them is an error, not a skip.
+_UNSUPPORTED = (nnx.Embed, nnx.Conv, nnx.ConvTranspose)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """Static description of how a base layer's kernel maps its input to its output.
+
+    Attributes:
+      kind: ``"linear"``, ``"general"`` or ``"einsum"``.
+      in_shape: kernel axes contracted with the input (``n = prod(in_shape)``).
+      out_shape: kernel axes that appear in the output (``m = prod(out_shape)``).
+      axis: for ``"general"``: the input axes contracted (as given to ``nnx.LinearGeneral``).
+      einsum: for ``"einsum"``: ``(x_spec, kernel_spec, y_spec, in_letters, out_letters)``.
+    """
+
+    kind: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axis: tuple[int, ...] = ()
+    einsum: tuple[str, str, str, str, str] | None = None
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def m(self) -> int:
+        return math.prod(self.out_shape)
+
+    def to_kernel(self, mat: Float[Array, "n m"]) -> Array:
+        """Reshapes an ``(n, m)`` matrix into the base kernel's shape and axis order."""
+        full = mat.reshape(self.in_shape + self.out_shape)
+        if self.kind != "einsum":
+            return full
+        _, k, _, ins, outs = self.einsum
+        return jnp.einsum(f"{ins}{outs}->{k}", full)
+
+    def from_kernel(self, kernel: Array) -> Float[Array, "n m"]:
+        """Inverse of :meth:`to_kernel`: the base kernel as an ``(n, m)`` matrix."""
+        if self.kind == "einsum":
+            _, k, _, ins, outs = self.einsum
+            kernel = jnp.einsum(f"{k}->{ins}{outs}", kernel)
+        return kernel.reshape(self.n, self.m)
+
+
+def _spec_for(path: str, module: nnx.Module) -> KernelSpec:
+    kshape = tuple(module.kernel.shape)
+    if isinstance(module, nnx.Linear):
+        return KernelSpec("linear", kshape[:1], kshape[1:])
+    if isinstance(module, nnx.LinearGeneral):
+        if module.batch_axis:
+            raise ValueError(
+                f"LoRA target {path!r}: nnx.LinearGeneral with batch_axis={dict(module.batch_axis)} is not "
+                "supported (a batched kernel has no single in x out matrix to adapt)."
+            )
+        n_in = len(module.in_features)
+        return KernelSpec("general", kshape[:n_in], kshape[n_in:], axis=tuple(module.axis))
+    if isinstance(module, nnx.Einsum):
+        eq = module.einsum_str.replace(" ", "")
+        lhs, y = eq.split("->")
+        x, k = lhs.split(",")
+        if "." in k:
+            raise ValueError(f"LoRA target {path!r}: einsum {eq!r} has an ellipsis in the kernel spec.")
+        ins = "".join(c for c in k if c in x)
+        outs = "".join(c for c in k if c in y and c not in x)
+        batch = [c for c in k if c in x and c in y]
+        summed = [c for c in k if c not in x and c not in y]
+        if batch or summed:
+            raise ValueError(
+                f"LoRA target {path!r}: einsum {eq!r} has kernel axes {batch + summed} that are shared by the "
+                "input and the output (or summed away); LoRA needs every kernel axis to be either an input "
+                "axis or an output axis."
+            )
+        if "Z" in eq:
+            raise ValueError(f"LoRA target {path!r}: einsum {eq!r} uses the letter 'Z', reserved for the rank.")
+        in_shape = tuple(kshape[k.index(c)] for c in ins)
+        out_shape = tuple(kshape[k.index(c)] for c in outs)
+        return KernelSpec("einsum", in_shape, out_shape, einsum=(x, k, y, ins, outs))
+    raise TypeError(f"LoRA target {path!r}: unsupported module type {type(module).__name__}.")
+
+
+class LoRALayer(nnx.Module):
+    """A base layer plus a LoRA branch: ``y = base(x) + s * ((drop(x) @ (a * a_mask)) * gate) @ b``.
+
+    Attributes:
+      base: the wrapped ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` (its kernel stays frozen
+        when training with ``wrt=LoRAParam``).
+      lora: :class:`LoRAParam` holding ``LoraPair(a: (*in_shape, r), b: (r, *out_shape), scale)``.
+      gate: :class:`LoRAGate` ``(r,)``, ones by default.
+      a_mask: optional :class:`LoRAMask` with the shape of ``a``.
+      input_norm: optional :class:`LoRAStat` ``(*in_shape,)``: EMA of per-feature input L2 norms.
+      spec: the static :class:`KernelSpec` of the base kernel.
+      merged: whether ``s * a @ b`` has been added into the base kernel (then the branch is skipped).
+    """
+
+    def __init__(
+        self,
+        base: nnx.Module,
+        spec: KernelSpec,
+        *,
+        rank: int,
+        scale: float,
+        init: str = "kaiming",
+        dropout: float = 0.0,
+        param_dtype: Any = jnp.float32,
+        a_mask: bool = False,
+        track_input_norm: bool = False,
+        input_norm_decay: float = 0.9,
+        rngs: nnx.Rngs,
+        path: str = "",
+    ):
+        n, m = spec.n, spec.m
+        if rank > min(n, m):
+            raise ValueError(
+                f"LoRA rank {rank} for {path or 'layer'!r} exceeds min(m, n) = min({m}, {n}) = {min(m, n)} "
+                f"of its {m} x {n} (out x in) weight."
+            )
+        self.base = base
+        self.spec = spec
+        self.path = path
+        key = rngs.params()
+        if init == "kaiming":
+            bound = 1.0 / math.sqrt(n)
+            a = jax.random.uniform(key, spec.in_shape + (rank,), param_dtype, -bound, bound)
+        elif init == "gaussian":
+            a = jax.random.normal(key, spec.in_shape + (rank,), param_dtype) / rank
+        else:
+            raise ValueError(f"unknown LoRA init {init!r} for {path!r}")
+        b = jnp.zeros((rank,) + spec.out_shape, param_dtype)
+        self.lora = LoRAParam(LoraPair(a, b, float(scale)))
+        self.gate = LoRAGate(jnp.ones((rank,), param_dtype))
+        self.a_mask = LoRAMask(jnp.ones_like(a)) if a_mask else None
+        self.input_norm = LoRAStat(jnp.zeros(spec.in_shape, jnp.float32)) if track_input_norm else None
+        self.input_norm_decay = float(input_norm_decay)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        self.merged = False
+        self.deterministic = False
+
+    # -- parameters -----------------------------------------------------------------------------------
+    @property
+    def pair(self) -> LoraPair:
+        return self.lora.get_value()
+
+    def effective_pair(self) -> LoraPair:
+        """The pair with the mask and gate folded in: ``a * a_mask * gate``, ``b`` (same scale)."""
+        p = self.pair
+        a = p.a if self.a_mask is None else p.a * self.a_mask[...]
+        return LoraPair(a * self.gate[...], p.b, p.scale)
+
+    def delta_kernel(self) -> Array:
+        """``s * (a * a_mask * gate) @ b`` in the base kernel's shape and axis order (fp32 math)."""
+        p = self.effective_pair()
+        a2, b2 = pair_matrices(p)
+        mat = p.scale * (a2.astype(jnp.float32) @ b2.astype(jnp.float32))
+        return self.spec.to_kernel(mat)
+
+    # -- forward --------------------------------------------------------------------------------------
+    def _lora_branch(self, x: Array) -> Array:
+        p = self.pair
+        a = p.a if self.a_mask is None else p.a * self.a_mask[...]
+        gate = self.gate[...]
+        dtype = x.dtype
+        a, b, gate = a.astype(dtype), p.b.astype(dtype), gate.astype(dtype)
+        spec = self.spec
+        if spec.kind == "linear":
+            h = x @ a
+            return p.scale * ((h * gate) @ b)
+        if spec.kind == "general":
+            axes = tuple(ax % x.ndim for ax in spec.axis)
+            h = jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))))
+            return p.scale * jnp.tensordot(h * gate, b, axes=1)
+        xs, _, ys, ins, outs = spec.einsum
+        rest = "".join(c for c in xs if c in ys or c == ".")
+        h = jnp.einsum(f"{xs},{ins}Z->{rest}Z", x, a)
+        return p.scale * jnp.einsum(f"{rest}Z,Z{outs}->{ys}", h * gate, b)
+
+    def _track_input_norm(self, x: Array) -> None:
+        spec = self.spec
+        if spec.kind == "linear":
+            axes = tuple(range(x.ndim - 1))
+        elif spec.kind == "general":
+            contracted = {ax % x.ndim for ax in spec.axis}
+            axes = tuple(i for i in range(x.ndim) if i not in contracted)
+        else:
+            xs, _, _, ins, _ = spec.einsum
+            if "." in xs:  # leading ellipsis: reduce every leading axis
+                n_named = len(xs.replace(".", ""))
+                lead = x.ndim - n_named
+                named = xs.replace(".", "")
+                axes = tuple(range(lead)) + tuple(lead + i for i, c in enumerate(named) if c not in ins)
+                order = [c for c in named if c in ins]
+            else:
+                axes = tuple(i for i, c in enumerate(xs) if c not in ins)
+                order = [c for c in xs if c in ins]
+        norms = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes))
+        if spec.kind == "einsum":
+            perm = [order.index(c) for c in spec.einsum[3]]
+            norms = jnp.transpose(norms, perm)
+        d = self.input_norm_decay
+        self.input_norm[...] = d * self.input_norm[...] + (1.0 - d) * norms.reshape(spec.in_shape)
+
+    def __call__(self, x: Array, *args, **kwargs) -> Array:
+        y = self.base(x, *args, **kwargs)
+        if self.merged:
+            return y
+        if self.input_norm is not None and not self.deterministic:
+            self._track_input_norm(x)
+        xd = self.dropout(x, deterministic=self.deterministic) if self.dropout is not None else x
+        return y + self._lora_branch(xd).astype(y.dtype)
+
+
+# -- module-tree helpers ------------------------------------------------------------------------------
+def _path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _iter(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Module]]:
+    for path, node in nnx.iter_modules(model):
+        yield tuple(path), node
+
+
+def adaptable_paths(model: nnx.Module) -> list[str]:
+    """Dotted paths of every layer ``apply_lora`` can adapt (Linear / LinearGeneral / Einsum)."""
+    inside_lora = {_path_str(p) for p, m in _iter(model) if isinstance(m, LoRALayer)}
+    out = []
+    for path, m in _iter(model):
+        if isinstance(m, _ADAPTABLE) and _path_str(path[:-1]) not in inside_lora:
+            out.append(_path_str(path))
+    return out
+
+
+def _set_child(parent: Any, key: Any, value: Any) -> None:
+    if isinstance(key, str) and hasattr(parent, key):
+        setattr(parent, key, value)
+    else:
+        parent[key] = value
+
+
+def _get_child(parent: Any, key: Any) -> Any:
+    if isinstance(key, str) and hasattr(parent, key):
+        return getattr(parent, key)
+    return parent[key]
+
+
+def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Adapts ``model`` in place with LoRA and returns it.
+
+    Every ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` whose dotted path matches
+    ``config.targets`` is replaced by a :class:`LoRALayer` wrapping it.
+
+    Args:
+      model: any Flax NNX module.
+      config: the :class:`LoraConfig`.
+      rngs: random streams; ``params`` initialises A, ``dropout`` drives LoRA dropout.
+
+    Returns:
+      The same model object, adapted.
+
+    Raises:
+      ValueError: a target matches no adaptable layer (the message lists the adaptable paths), a
+        targeted layer is of an unsupported kind (e.g. ``nnx.Embed``), or a rank exceeds
+        ``min(m, n)`` of its weight (the message names the path).
+    """
+    chosen: list[tuple[tuple, nnx.Module]] = []
+    unsupported: list[str] = []
+    inside_lora = {_path_str(p) for p, m in _iter(model) if isinstance(m, LoRALayer)}
+    for path, m in _iter(model):
+        ps = _path_str(path)
+        if not path or not config.matches(ps):
+            continue
+        if isinstance(m, _ADAPTABLE):
+            if _path_str(path[:-1]) in inside_lora:
+                raise ValueError(f"LoRA target {ps!r} is already adapted (it is the base of a LoRALayer).")
+            chosen.append((path, m))
+        elif isinstance(m, _UNSUPPORTED):
+            unsupported.append(f"{ps} ({type(m).__name__})")
+    if unsupported:
+        raise ValueError(
+            f"LoRA targets {config.targets!r} match layers LoRA cannot adapt: {unsupported}. "
+            "Only nnx.Linear, nnx.LinearGeneral and nnx.Einsum kernels are supported."
+        )
+    if not chosen:
+        raise ValueError(
+            f"LoRA targets {config.targets!r} match no adaptable layer. Adaptable paths: "
+            f"{adaptable_paths(model)}"
+        )
+    if not isinstance(config.targets, str):
+        for t in config.targets:
+            if not any(_path_str(p) == t or _path_str(p).endswith("." + t) for p, _ in chosen):
+                raise ValueError(
+                    f"LoRA target {t!r} matches no adaptable layer. Adaptable paths: {adaptable_paths(model)}"
+                )
+    dtype = jnp.dtype(config.param_dtype)
+    for path, m in chosen:
+        ps = _path_str(path)
+        spec = _spec_for(ps, m)
+        r = config.rank_for(ps)
+        layer = LoRALayer(
+            m,
+            spec,
+            rank=r,
+            scale=config.scale_for(r),
+            init=config.init,
+            dropout=config.dropout,
+            param_dtype=dtype,
+            a_mask=config.a_mask,
+            track_input_norm=config.track_input_norm,
+            input_norm_decay=config.input_norm_decay,
+            rngs=rngs,
+            path=ps,
+        )
+        parent = model
+        for key in path[:-1]:
+            parent = _get_child(parent, key)
+        _set_child(parent, path[-1], layer)
+    return model
+
+
+def lora_layers(model: nnx.Module) -> dict[str, LoRALayer]:
+    """``{dotted path: LoRALayer}`` for every adapted layer, in module order."""
+    return {_path_str(p): m for p, m in _iter(model) if isinstance(m, LoRALayer)}
+
+
+def lora_state(model: nnx.Module) -> nnx.State:
+    """The A/B pairing of ``model``: ``nnx.state(model, LoRAParam)``, whose leaves are :class:`LoraPair`."""
+    return nnx.state(model, LoRAParam)
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Adds ``s * a @ b`` into every base kernel and switches the LoRA branches off (in place).
+
+    The forward output is unchanged up to float rounding; call eagerly (not inside ``jit``).
+    """
+    for path, layer in lora_layers(model).items():
+        if layer.merged:
+            raise ValueError(f"LoRA layer {path!r} is already merged.")
+        k = layer.base.kernel
+        k[...] = (k[...].astype(jnp.float32) + layer.delta_kernel()).astype(k[...].dtype)
+        layer.merged = True
+    return model
+
+
+def unmerge_lora(model: nnx.Module) -> nnx.Module:
+    """Inverse of :func:`merge_lora`: subtracts ``s * a @ b`` again and re-enables the LoRA branches."""
+    for path, layer in lora_layers(model).items():
+        if not layer.merged:
+            raise ValueError(f"LoRA layer {path!r} is not merged.")
+        k = layer.base.kernel
+        k[...] = (k[...].astype(jnp.float32) - layer.delta_kernel()).astype(k[...].dtype)
+        layer.merged = False
+    return model
+
+
+def merge_and_unwrap(model: nnx.Module) -> nnx.Module:
+    """Merges every adapter and replaces each :class:`LoRALayer` by its base layer (in place).
+
+    The result has exactly the structure of the model before :func:`apply_lora`.
+    """
+    layers = lora_layers(model)
+    for path, layer in layers.items():
+        if not layer.merged:
+            k = layer.base.kernel
+            k[...] = (k[...].astype(jnp.float32) + layer.delta_kernel()).astype(k[...].dtype)
+    for (path, m) in [(p, m) for p, m in _iter(model) if isinstance(m, LoRALayer)]:
+        parent = model
+        for key in path[:-1]:
+            parent = _get_child(parent, key)
+        _set_child(parent, path[-1], m.base)
+    return model
+
+
+def decay_base_weights(model: nnx.Module, factor: float | Array) -> nnx.Module:
+    """Multiplies every adapted base kernel ``W0`` by ``factor`` (in place; jit-friendly via nnx.jit).
+
+    LoRA-Pro's AdamW decays the frozen ``W0`` by ``(1 - lr * weight_decay)`` as well as A and B by its
+    square root, so the equivalent weight ``W0 + s B A`` decays exactly as in full AdamW. The optimizer
+    only sees A and B; this is the explicit step that decays ``W0`` (see
+    :func:`lorapro_jax.base_decay_factor`).
+    """
+    for layer in lora_layers(model).values():
+        k = layer.base.kernel
+        k[...] = (k[...] * jnp.asarray(factor, jnp.float32)).astype(k[...].dtype)
+    return model

@@ -1,0 +1,16 @@
+"""LoRA-aware optax transformations."""
+
+from .linalg import damped_pinv, solve_sylvester_psd
+from .lora_pro import (
+    LoraProDecayState,
+    ScaleByLoraProAdamState,
+    add_lora_pro_decayed_weights,
+    base_decay_factor,
+    equivalent_gradient,
+    lora_pro_adamw,
+    lora_pro_gradients,
+    lora_pro_pair_update,
+    lora_pro_sgd,
+    scale_by_lora_pro,
+    scale_by_lora_pro_adam,
+)

@@ -1,0 +1,484 @@
+"""LoRA-Pro: adjust the gradients of LoRA's A and B so that the equivalent full-weight gradient is the
+best low-rank approximation of the full fine-tuning gradient.
+
+Reference: Wang, Liang, Zhang, Tan, "LoRA-Pro: Are Low-Rank Adapters Properly Optimized?",
+arXiv 2407.18242 (ICLR 2025).
+
+Notation (paper layout): base weight ``W0`` is ``m x n`` (out x in), ``A`` is ``r x n``, ``B`` is
+``m x r``, ``W = W0 + s B A``; ``g = dL/dW``, ``g_A = s Bᵀ g``, ``g_B = s g Aᵀ``. The closed form is
+
+    Q = (BᵀB + δI)⁻¹,  P = (AAᵀ + δI)⁻¹
+    ĝ_A = Q g_A / s² + X A
+    ĝ_B = (I − B Q Bᵀ) g_B P / s² − B X
+
+and the equivalent gradient ``s (B ĝ_A + ĝ_B A) = P_B g + (I − P_B) g P_A`` is the closest matrix to
+``g`` (Frobenius norm) of the form ``s (B Ĝ_A + Ĝ_B A)``, whatever ``X`` is. ``X`` is chosen to keep
+``ĝ`` close to the raw LoRA gradients (``"sylvester"``), or ``"symmetry"`` / ``"zero"``.
+
+The transforms work on pytrees whose LoRA factors are :class:`~lorapro_jax.lora.pairing.LoraPair`
+nodes (Flax layout: ``a = Aᵀ: (*in, r)``, ``b = Bᵀ: (r, *out)``); every other leaf passes through
+(SGD form) or gets plain Adam (Adam forms).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int
+
+from ..lora.pairing import LoraPair, pair_matrices
+from ._tree import check_finite, map_pairs, require_params
+from .linalg import damped_pinv, solve_sylvester_psd
+
+__all__ = [
+    "XMode",
+    "lora_pro_gradients",
+    "equivalent_gradient",
+    "lora_pro_pair_update",
+    "scale_by_lora_pro",
+    "lora_pro_sgd",
+    "ScaleByLoraProAdamState",
+    "scale_by_lora_pro_adam",
+    "LoraProDecayState",
+    "add_lora_pro_decayed_weights",
+    "lora_pro_adamw",
+    "base_decay_factor",
+]
+
+XMode = Literal["sylvester", "zero", "symmetry"]
+Form = Literal["full", "efficient", "lean"]
+_X_MODES = ("sylvester", "zero", "symmetry")
+_FORMS = ("full", "efficient", "lean")
+
+
+def _check_x_mode(x_mode: str) -> None:
+    if x_mode not in _X_MODES:
+        raise ValueError(f"x_mode must be one of {_X_MODES}, got {x_mode!r}.")
+
+
+def lora_pro_gradients(
+    a_mat: Float[Array, "r n"],
+    b_mat: Float[Array, "m r"],
+    g_a: Float[Array, "r n"],
+    g_b: Float[Array, "m r"],
+    scale: float,
+    *,
+    delta: float = 1e-8,
+    x_mode: XMode = "sylvester",
+) -> tuple[Float[Array, "r n"], Float[Array, "m r"]]:
+    """LoRA-Pro's optimal adjusted gradients (paper layout, one pair).
+
+    Args:
+      a_mat: ``A`` with shape ``(r, n)``.
+      b_mat: ``B`` with shape ``(m, r)``.
+      g_a: gradient w.r.t. ``A``, ``(r, n)`` (``= s Bᵀ g``).
+      g_b: gradient w.r.t. ``B``, ``(m, r)`` (``= s g Aᵀ``).
+      scale: LoRA scale ``s``.
+      delta: damping ``δ`` of the two ``r x r`` inverses (reference: 1e-8). At the standard init
+        ``B = 0`` the inverse ``(BᵀB + δI)⁻¹ = I/δ`` multiplies ``g_A = 0``, so ``ĝ_A = X A`` and
+        ``ĝ_B = g_B (AAᵀ + δI)⁻¹ / s²``: the equivalent gradient is ``g P_A`` exactly.
+      x_mode: ``"sylvester"`` solves ``BᵀB X + X AAᵀ = −Q g_A Aᵀ / s²`` (the X minimising
+        ``||ĝ_A − g_A||² + ||ĝ_B − g_B||²``); ``"symmetry"`` uses ``X = −Q Bᵀ g_B AAᵀ / (2 s²)`` as the
+        reference code does; ``"zero"`` uses ``X = 0``.
+
+    Returns:
+      ``(ĝ_A, ĝ_B)`` with the shapes of ``(g_a, g_b)``, in the promoted (at least float32) dtype.
+    """
+    _check_x_mode(x_mode)
+    dt = jnp.promote_types(jnp.result_type(a_mat, b_mat, g_a, g_b), jnp.float32)
+    a_mat, b_mat, g_a, g_b = (x.astype(dt) for x in (a_mat, b_mat, g_a, g_b))
+    s2 = jnp.asarray(scale, dt) ** 2
+    btb = b_mat.T @ b_mat  # (r, r)
+    aat = a_mat @ a_mat.T  # (r, r)
+    q = damped_pinv(btb, delta)
+    p = damped_pinv(aat, delta)
+    ga_hat = q @ g_a / s2  # (r, n)
+    mat = g_b @ p / s2  # (m, r)
+    gb_hat = mat - b_mat @ (q @ (b_mat.T @ mat))  # (I - B Q Bᵀ) g_B P / s², never forming m x m
+    if x_mode == "sylvester":
+        x = solve_sylvester_psd(btb, aat, -(q @ (g_a @ a_mat.T)) / s2)
+    elif x_mode == "symmetry":
+        x = -0.5 * (q @ (b_mat.T @ g_b) @ aat) / s2
+    else:
+        x = None
+    if x is not None:
+        ga_hat = ga_hat + x @ a_mat
+        gb_hat = gb_hat - b_mat @ x
+    return ga_hat, gb_hat
+
+
+def equivalent_gradient(
+    a_mat: Float[Array, "r n"],
+    b_mat: Float[Array, "m r"],
+    g_a: Float[Array, "r n"],
+    g_b: Float[Array, "m r"],
+    scale: float,
+) -> Float[Array, "m n"]:
+    """The full-weight gradient equivalent to LoRA gradients: ``s (B g_A + g_B A)`` (paper layout)."""
+    return scale * (b_mat @ g_a + g_b @ a_mat)
+
+
+def lora_pro_pair_update(
+    params: LoraPair, grads: LoraPair, *, delta: float = 1e-8, x_mode: XMode = "sylvester"
+) -> LoraPair:
+    """Applies :func:`lora_pro_gradients` to one Flax-layout pair; returns a pair shaped like ``grads``."""
+    a2, b2 = pair_matrices(params)  # (n, r), (r, m)
+    ga2, gb2 = pair_matrices(grads)
+    if ga2.shape != a2.shape or gb2.shape != b2.shape:
+        raise ValueError(
+            f"gradient pair shapes a{tuple(grads.a.shape)}, b{tuple(grads.b.shape)} do not match parameter pair "
+            f"shapes a{tuple(params.a.shape)}, b{tuple(params.b.shape)}"
+        )
+    ga_hat, gb_hat = lora_pro_gradients(a2.T, b2.T, ga2.T, gb2.T, params.scale, delta=delta, x_mode=x_mode)
+    return LoraPair(
+        ga_hat.T.reshape(grads.a.shape).astype(grads.a.dtype),
+        gb_hat.T.reshape(grads.b.shape).astype(grads.b.dtype),
+        grads.scale,
+    )
+
+
+def _check_pair(path: str, u: LoraPair, p: LoraPair) -> None:
+    if u.a.shape != p.a.shape or u.b.shape != p.b.shape:
+        raise ValueError(
+            f"LoRA pair at {path}: update shapes a{tuple(u.a.shape)}, b{tuple(u.b.shape)} do not match parameter "
+            f"shapes a{tuple(p.a.shape)}, b{tuple(p.b.shape)}."
+        )
+    if p.a.shape[-1] != p.b.shape[0]:
+        raise ValueError(
+            f"LoRA pair at {path}: a{tuple(p.a.shape)} has rank {p.a.shape[-1]} on its last axis but "
+            f"b{tuple(p.b.shape)} has {p.b.shape[0]} on its first axis."
+        )
+
+
+def scale_by_lora_pro(
+    delta: float = 1e-8, x_mode: XMode = "sylvester", check_finite_grads: bool = True
+) -> optax.GradientTransformation:
+    """LoRA-Pro, SGD form: rewrites every LoRA pair's gradients ``(g_A, g_B)`` into ``(ĝ_A, ĝ_B)``.
+
+    Chain it with any optax optimizer, e.g. ``optax.chain(scale_by_lora_pro(), optax.sgd(lr))`` (the
+    paper's SGD form) or ``optax.chain(scale_by_lora_pro(), optax.adamw(lr))`` (the "efficient" form).
+    Non-LoRA leaves pass through unchanged. Needs ``params`` in ``update``.
+
+    Args:
+      delta: damping of ``(BᵀB + δI)⁻¹`` and ``(AAᵀ + δI)⁻¹``.
+      x_mode: ``"sylvester"`` | ``"zero"`` | ``"symmetry"`` (see :func:`lora_pro_gradients`).
+      check_finite_grads: raise ``FloatingPointError`` naming the parameter paths when an incoming
+        gradient is NaN/inf (one host callback per step; disable on hot TPU loops if you must).
+
+    Returns:
+      An ``optax.GradientTransformation`` with an empty state.
+    """
+    _check_x_mode(x_mode)
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        require_params(params, "scale_by_lora_pro")
+        if check_finite_grads:
+            check_finite(updates, "scale_by_lora_pro")
+
+        def on_pair(path, u, p):
+            _check_pair(path, u, p)
+            return lora_pro_pair_update(p, u, delta=delta, x_mode=x_mode)
+
+        return map_pairs(on_pair, lambda path, u, p: u, updates, params), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def lora_pro_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    *,
+    delta: float = 1e-8,
+    x_mode: XMode = "sylvester",
+    check_finite_grads: bool = True,
+) -> optax.GradientTransformation:
+    """LoRA-Pro with SGD (optionally with momentum): ``chain(scale_by_lora_pro, optax.sgd)``."""
+    return optax.chain(
+        scale_by_lora_pro(delta=delta, x_mode=x_mode, check_finite_grads=check_finite_grads),
+        optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+    )
+
+
+class ScaleByLoraProAdamState(NamedTuple):
+    """State of :func:`scale_by_lora_pro_adam`.
+
+    Attributes:
+      count: ``()`` int32, number of updates so far (bias correction uses the true step count ``t``).
+      mu: first moments. Per LoRA pair (``form="full"``): ``(*in_shape, *out_shape)`` — the full-size
+        moment of the equivalent gradient, in the base kernel's (Flax) layout. Per other leaf: like the
+        leaf.
+      nu: second moments, shaped like ``mu``.
+    """
+
+    count: Int[Array, ""]
+    mu: Any
+    nu: Any
+
+
+def _bias_correction(decay, count):
+    return 1.0 - jnp.asarray(decay, jnp.float32) ** count.astype(jnp.float32)
+
+
+def scale_by_lora_pro_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    delta: float = 1e-8,
+    x_mode: XMode = "sylvester",
+    mu_dtype: Any = None,
+    check_finite_grads: bool = True,
+) -> optax.GradientTransformation:
+    """LoRA-Pro, the paper's AdamW "full" form (without learning rate and weight decay).
+
+    For each pair: the equivalent gradient ``ẽ = s (B ĝ_A + ĝ_B A)`` of the LoRA-Pro gradients feeds
+    full-size Adam moments ``m, v`` (shape of the base kernel); the bias-corrected Adam direction
+    ``d = m̂ / (sqrt(v̂) + eps)`` is mapped back to LoRA space ``h_A = s Bᵀ d``, ``h_B = s d Aᵀ`` and
+    the LoRA-Pro closed form (with ``X``) turns ``(h_A, h_B)`` into the updates of ``A`` and ``B``; so
+    the equivalent update is the best rank-constrained approximation of the full AdamW direction.
+    Bias correction uses the true step count ``t`` (the reference code's ``t + 1`` is off by one).
+    Other leaves get plain Adam. Costs ``2 m n`` state per pair.
+
+    Args:
+      b1, b2, eps, eps_root: Adam hyper-parameters (as in ``optax.scale_by_adam``).
+      delta, x_mode: see :func:`lora_pro_gradients`.
+      mu_dtype: dtype of both moments (e.g. ``jnp.bfloat16`` as the reference code); default: the
+        parameter dtype.
+      check_finite_grads: see :func:`scale_by_lora_pro`.
+
+    Returns:
+      An ``optax.GradientTransformation`` with a :class:`ScaleByLoraProAdamState`.
+    """
+    _check_x_mode(x_mode)
+    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
+    def init_fn(params):
+        def pair_zeros(path, p):
+            dt = mu_dtype or jnp.result_type(p.a)
+            return jnp.zeros(p.kernel_shape, dt)
+
+        def leaf_zeros(path, x):
+            return jnp.zeros_like(x, dtype=mu_dtype or jnp.result_type(x)) if hasattr(x, "shape") else x
+
+        mu = map_pairs(pair_zeros, leaf_zeros, params)
+        nu = map_pairs(pair_zeros, leaf_zeros, params)
+        return ScaleByLoraProAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+
+    def update_fn(updates, state, params=None):
+        require_params(params, "scale_by_lora_pro_adam")
+        if check_finite_grads:
+            check_finite(updates, "scale_by_lora_pro_adam")
+        count = optax.safe_increment(state.count)
+        bc1 = _bias_correction(b1, count)
+        bc2 = _bias_correction(b2, count)
+
+        def on_pair(path, u, p, mu, nu):
+            _check_pair(path, u, p)
+            a2, b2m = pair_matrices(p)  # (n, r), (r, m)
+            ga2, gb2 = pair_matrices(u)
+            s = p.scale
+            dt = jnp.promote_types(jnp.result_type(a2, ga2), jnp.float32)
+            a2, b2m, ga2, gb2 = (x.astype(dt) for x in (a2, b2m, ga2, gb2))
+            # Equivalent gradient of the LoRA-Pro gradients, Flax layout (n, m): s (ĝ_a b + a ĝ_b).
+            ga_hat, gb_hat = lora_pro_gradients(a2.T, b2m.T, ga2.T, gb2.T, s, delta=delta, x_mode="zero")
+            e = s * (ga_hat.T @ b2m + a2 @ gb_hat.T)
+            mu2 = mu.reshape(e.shape).astype(dt)
+            nu2 = nu.reshape(e.shape).astype(dt)
+            mu2 = b1 * mu2 + (1.0 - b1) * e
+            nu2 = b2 * nu2 + (1.0 - b2) * jnp.square(e)
+            d = (mu2 / bc1) / (jnp.sqrt(nu2 / bc2 + eps_root) + eps)  # (n, m)
+            h_a = s * (d @ b2m.T)  # (n, r) = (s Bᵀ d_paper)ᵀ
+            h_b = s * (a2.T @ d)  # (r, m) = (s d_paper Aᵀ)ᵀ
+            ua, ub = lora_pro_gradients(a2.T, b2m.T, h_a.T, h_b.T, s, delta=delta, x_mode=x_mode)
+            upd = LoraPair(
+                ua.T.reshape(u.a.shape).astype(u.a.dtype), ub.T.reshape(u.b.shape).astype(u.b.dtype), u.scale
+            )
+            return (upd, mu2.reshape(mu.shape).astype(mu.dtype), nu2.reshape(nu.shape).astype(nu.dtype))
+
+        def on_leaf(path, g, p, mu, nu):
+            if not hasattr(g, "shape"):
+                return (g, mu, nu)
+            dt = jnp.promote_types(g.dtype, jnp.float32)
+            mu2 = b1 * mu.astype(dt) + (1.0 - b1) * g.astype(dt)
+            nu2 = b2 * nu.astype(dt) + (1.0 - b2) * jnp.square(g.astype(dt))
+            d = (mu2 / bc1) / (jnp.sqrt(nu2 / bc2 + eps_root) + eps)
+            return (d.astype(g.dtype), mu2.astype(mu.dtype), nu2.astype(nu.dtype))
+
+        triples = map_pairs(on_pair, on_leaf, updates, params, state.mu, state.nu)
+        is_triple = lambda x: isinstance(x, tuple) and not hasattr(x, "_fields") and len(x) == 3
+        new_updates = jax.tree.map(lambda t: t[0], triples, is_leaf=is_triple)
+        new_mu = jax.tree.map(lambda t: t[1], triples, is_leaf=is_triple)
+        new_nu = jax.tree.map(lambda t: t[2], triples, is_leaf=is_triple)
+        return new_updates, ScaleByLoraProAdamState(count=count, mu=new_mu, nu=new_nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class LoraProDecayState(NamedTuple):
+    """State of :func:`add_lora_pro_decayed_weights`.
+
+    Attributes:
+      count: ``()`` int32 step count (to evaluate a learning-rate schedule).
+      base_decay: ``()`` float32, ``1 − η_t λ`` of the latest step: the factor by which the frozen base
+        weights ``W0`` should be multiplied to decay like full AdamW (see :func:`base_decay_factor`).
+    """
+
+    count: Int[Array, ""]
+    base_decay: Float[Array, ""]
+
+
+def add_lora_pro_decayed_weights(
+    weight_decay: float,
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    pair_decay: Literal["sqrt", "linear"] = "sqrt",
+    mask: Any = None,
+) -> optax.GradientTransformation:
+    """Decoupled weight decay for LoRA pairs, to be placed right before ``scale_by_learning_rate``.
+
+    ``pair_decay="sqrt"`` (LoRA-Pro full form): A and B are multiplied by ``sqrt(1 − η λ)`` each, so
+    ``s B A`` decays by ``1 − η λ`` as ``W`` does in full AdamW; ``"linear"``: by ``1 − η λ`` (plain
+    AdamW on A and B, the efficient form). Other leaves: plain AdamW decay ``1 − η λ``. The update
+    added is ``c · param`` with ``c`` chosen so that after ``scale_by_learning_rate`` the parameter is
+    multiplied by exactly that factor.
+
+    Args:
+      weight_decay: ``λ``.
+      learning_rate: the same learning rate (or schedule) given to ``scale_by_learning_rate``.
+      pair_decay: see above.
+      mask: optional pytree/callable of booleans (as ``optax.add_decayed_weights``'s ``mask``).
+    """
+    if pair_decay not in ("sqrt", "linear"):
+        raise ValueError(f"pair_decay must be 'sqrt' or 'linear', got {pair_decay!r}")
+
+    def init_fn(params):
+        del params
+        return LoraProDecayState(count=jnp.zeros([], jnp.int32), base_decay=jnp.ones([], jnp.float32))
+
+    def update_fn(updates, state, params=None):
+        require_params(params, "add_lora_pro_decayed_weights")
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        lr = jnp.asarray(lr, jnp.float32)
+        lam = jnp.asarray(weight_decay, jnp.float32)
+        # (1 - sqrt(1 - lr·λ)) / lr, written without dividing by lr.
+        c_sqrt = lam / (1.0 + jnp.sqrt(jnp.maximum(1.0 - lr * lam, 0.0)))
+        c_pair = c_sqrt if pair_decay == "sqrt" else lam
+
+        def on_pair(path, u, p):
+            return LoraPair(u.a + (c_pair * p.a).astype(u.a.dtype), u.b + (c_pair * p.b).astype(u.b.dtype), u.scale)
+
+        def on_leaf(path, u, p):
+            if not hasattr(u, "shape"):
+                return u
+            return u + (lam * p).astype(u.dtype)
+
+        new = map_pairs(on_pair, on_leaf, updates, params)
+        return new, LoraProDecayState(count=optax.safe_increment(state.count), base_decay=1.0 - lr * lam)
+
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    if mask is not None:
+        return optax.masked(tx, mask)
+    return tx
+
+
+def lora_pro_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: float = 0.0,
+    *,
+    form: Form = "full",
+    x_mode: XMode = "sylvester",
+    delta: float = 1e-8,
+    mu_dtype: Any = None,
+    mask: Any = None,
+    lean_rank: int | None = None,
+    check_finite_grads: bool = True,
+) -> optax.GradientTransformation:
+    """LoRA-Pro AdamW (arXiv 2407.18242), as an optax optimizer.
+
+    Forms:
+      * ``"full"`` (the paper's main algorithm): full-size Adam moments of the equivalent gradient,
+        see :func:`scale_by_lora_pro_adam`; A and B decay by ``sqrt(1 − ηλ)``.
+      * ``"efficient"``: plain low-rank AdamW on the LoRA-Pro gradients ``(ĝ_A, ĝ_B)`` (memory of
+        LoRA); A and B decay by ``1 − ηλ``.
+      * ``"lean"``: the full form's direction from factored state, see
+        :func:`lorapro_jax.optim.lean.scale_by_lora_pro_lean` (``lean_rank`` sets its first-moment rank).
+
+    Non-LoRA leaves are trained with ordinary AdamW. To decay the frozen ``W0`` as well (as the
+    reference implementation does), call ``lorapro_jax.decay_base_weights(model,
+    base_decay_factor(opt_state))`` after each update. To clip like the reference (by the norm of the
+    raw LoRA gradients), chain ``optax.clip_by_global_norm`` in front.
+
+    Args:
+      learning_rate: float or schedule ``η``.
+      b1, b2, eps, eps_root: Adam hyper-parameters.
+      weight_decay: decoupled weight decay ``λ``.
+      form: ``"full"`` | ``"efficient"`` | ``"lean"``.
+      x_mode: ``"sylvester"`` | ``"zero"`` | ``"symmetry"``.
+      delta: damping of the r x r inverses.
+      mu_dtype: dtype of the Adam moments.
+      mask: optional weight-decay mask (pytree or callable of booleans).
+      lean_rank: rank of the lean form's first moment (default ``2 r`` per pair).
+      check_finite_grads: raise on NaN/inf gradients, naming their paths.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+    """
+    if form not in _FORMS:
+        raise ValueError(f"form must be one of {_FORMS}, got {form!r}.")
+    if form == "full":
+        direction = scale_by_lora_pro_adam(
+            b1, b2, eps, eps_root, delta=delta, x_mode=x_mode, mu_dtype=mu_dtype, check_finite_grads=check_finite_grads
+        )
+    elif form == "efficient":
+        direction = optax.chain(
+            scale_by_lora_pro(delta=delta, x_mode=x_mode, check_finite_grads=check_finite_grads),
+            optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype),
+        )
+    else:
+        from .lean import scale_by_lora_pro_lean
+
+        direction = scale_by_lora_pro_lean(
+            b1, b2, eps, delta=delta, x_mode=x_mode, rank=lean_rank, check_finite_grads=check_finite_grads
+        )
+    return optax.chain(
+        direction,
+        add_lora_pro_decayed_weights(
+            weight_decay, learning_rate, pair_decay="sqrt" if form != "efficient" else "linear", mask=mask
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def base_decay_factor(opt_state: Any) -> Float[Array, ""]:
+    """The factor ``1 − η_t λ`` of the latest step, read from a state containing :class:`LoraProDecayState`.
+
+    Multiply the frozen base weights by it (:func:`lorapro_jax.decay_base_weights`) to reproduce the
+    reference LoRA-Pro AdamW, which decays ``W0`` too. Returns 1.0 when no decay state is found.
+    """
+    found = []
+
+    def visit(x):
+        if isinstance(x, LoraProDecayState):
+            found.append(x.base_decay)
+        return x
+
+    jax.tree.map(visit, opt_state, is_leaf=lambda x: isinstance(x, LoraProDecayState))
+    if not found:
+        return jnp.ones([], jnp.float32)
+    v = found[0]
+    get = getattr(v, "get_value", None)
+    return jnp.asarray(get() if callable(get) else v)
