@@ -400,9 +400,15 @@ def load_glue(
     import datasets
 
     info = get_glue_task(task)
+    requested = split
     split = _resolve_split(info, split)
     if data_files is not None:
-        ds = load_local_files(data_files, split=split, cache_dir=cache_dir)
+        # With a {split: files} mapping, accept the key as the user wrote it ("validation") or
+        # as resolved ("validation_matched" for MNLI).
+        local_split = split
+        if isinstance(data_files, Mapping) and requested.partition("[")[0] in data_files:
+            local_split = requested
+        ds = load_local_files(data_files, split=local_split, cache_dir=cache_dir)
         return _conform_local(ds, info, column_map)
 
     offline = hub_offline()

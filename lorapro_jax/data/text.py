@@ -88,9 +88,10 @@ def load_text_dataset(
     if not single and split is not None and split not in files_by_split:
         raise KeyError(f"split {split!r} not in data_files ({sorted(files_by_split)})")
 
-    rename = {text_column: "text", label_column: "label"}
+    rename = {text_column: "text"}
     if text_pair_column is not None:
         rename[text_pair_column] = "text_pair"
+    rename[label_column] = "label"
 
     loaded: dict[str, Any] = {}
     for name, files in files_by_split.items():
