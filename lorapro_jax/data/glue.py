@@ -245,7 +245,9 @@ def _normalise_files(files: Any) -> list[str]:
         out = [os.fspath(f) for f in files]
         if out:
             return out
-    raise ValueError(f"data_files must be a path, a list of paths or a dict of those; got {files!r}")
+    raise ValueError(
+        f"data_files must be a path, a list of paths or a dict of those; got {files!r}"
+    )
 
 
 def _infer_format(files: Sequence[str]) -> tuple[str, dict[str, Any]]:

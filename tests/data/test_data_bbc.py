@@ -84,7 +84,8 @@ def test_custom_data_dir(tmp_path):
     for label in BBC_LABELS:
         (tmp_path / label).mkdir()
         for i in range(4):
-            (tmp_path / label / f"{i:03d}.txt").write_bytes(f"{label} story {i} \xff".encode("latin-1"))
+            raw = f"{label} story {i} \xff".encode("latin-1")
+            (tmp_path / label / f"{i:03d}.txt").write_bytes(raw)
     dd = load_bbc_news(data_dir=tmp_path, fractions=(0.5, 0.25, 0.25))
     assert [len(dd[s]) for s in ("train", "validation", "test")] == [10, 5, 5]
     # Invalid UTF-8 byte dropped, surrounding whitespace stripped.
