@@ -224,8 +224,9 @@ class ScaleByLoraProAdamState(NamedTuple):
     nu: Any
 
 
-def _bias_correction(decay, count):
-    return 1.0 - jnp.asarray(decay, jnp.float32) ** count.astype(jnp.float32)
+def _bias_correction(decay, count, dtype=jnp.float32):
+    """``1 - decay**t`` in ``dtype`` (float32 loses ~1e-5 relative for b2 = 0.999 near t = 1)."""
+    return 1.0 - jnp.asarray(decay, dtype) ** count.astype(dtype)
 
 
 def scale_by_lora_pro_adam(
@@ -279,8 +280,6 @@ def scale_by_lora_pro_adam(
         if check_finite_grads:
             check_finite(updates, "scale_by_lora_pro_adam")
         count = optax.safe_increment(state.count)
-        bc1 = _bias_correction(b1, count)
-        bc2 = _bias_correction(b2, count)
 
         def on_pair(path, u, p, mu, nu):
             _check_pair(path, u, p)
@@ -292,6 +291,7 @@ def scale_by_lora_pro_adam(
             # Equivalent gradient of the LoRA-Pro gradients, Flax layout (n, m): s (ĝ_a b + a ĝ_b).
             ga_hat, gb_hat = lora_pro_gradients(a2.T, b2m.T, ga2.T, gb2.T, s, delta=delta, x_mode="zero")
             e = s * (ga_hat.T @ b2m + a2 @ gb_hat.T)
+            bc1, bc2 = _bias_correction(b1, count, dt), _bias_correction(b2, count, dt)
             mu2 = mu.reshape(e.shape).astype(dt)
             nu2 = nu.reshape(e.shape).astype(dt)
             mu2 = b1 * mu2 + (1.0 - b1) * e
@@ -309,6 +309,7 @@ def scale_by_lora_pro_adam(
             if not hasattr(g, "shape"):
                 return (g, mu, nu)
             dt = jnp.promote_types(g.dtype, jnp.float32)
+            bc1, bc2 = _bias_correction(b1, count, dt), _bias_correction(b2, count, dt)
             mu2 = b1 * mu.astype(dt) + (1.0 - b1) * g.astype(dt)
             nu2 = b2 * nu.astype(dt) + (1.0 - b2) * jnp.square(g.astype(dt))
             d = (mu2 / bc1) / (jnp.sqrt(nu2 / bc2 + eps_root) + eps)
