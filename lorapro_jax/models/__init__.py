@@ -1,0 +1,87 @@
+"""Flax NNX ports of BERT, T5 and Llama that load Hugging Face safetensors checkpoints.
+
+Every dense projection is a plain ``flax.nnx.Linear`` and the NNX attribute tree mirrors the
+Hugging Face module tree, so ``".".join(map(str, path))`` of a Linear equals the HF module name
+(``encoder.layer.0.attention.self.query``, ``model.layers.0.self_attn.q_proj``,
+``encoder.block.0.layer.0.SelfAttention.q`` ...). :data:`DEFAULT_LORA_TARGETS` are regexes on
+that dotted path (``re.search``), matching PEFT's usual default targets.
+"""
+
+from ._common import ACT_FNS, RMSNorm, attention, get_activation, last_token_pooling, make_dropout, mean_pooling
+from .base import HFModule, StaticConfig
+from .bert import (
+    MINILM_INSTALL_HINT,
+    BertForSequenceClassification,
+    BertModel,
+    BertModelOutput,
+    minilm_path,
+    sentence_embedding,
+)
+from .llama import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, apply_rotary, rope_inv_freq
+from .loading import (
+    MODEL_REGISTRY,
+    CheckpointKeyError,
+    hf_param_names,
+    load_pretrained,
+    read_safetensors,
+    resolve_model_class,
+    save_hf_checkpoint,
+    to_hf_state_dict,
+)
+from .t5 import (
+    T5EncoderForSequenceClassification,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+    T5Model,
+    T5ModelOutput,
+    relative_position_bucket,
+    shift_right,
+)
+
+#: Default LoRA target regexes (``re.search`` on the dotted NNX path == HF module name), per
+#: ``config.model_type``. BERT: attention query/value; T5: q/v of self- and cross-attention
+#: (PEFT's ``["q", "v"]``); Llama: all attention and MLP projections.
+DEFAULT_LORA_TARGETS: dict[str, str] = {
+    "bert": r"(^|\.)attention\.self\.(query|value)$",
+    "t5": r"(^|\.)(SelfAttention|EncDecAttention)\.(q|v)$",
+    "llama": r"(^|\.)(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))$",
+}
+
+__all__ = [
+    "ACT_FNS",
+    "DEFAULT_LORA_TARGETS",
+    "MINILM_INSTALL_HINT",
+    "MODEL_REGISTRY",
+    "BertForSequenceClassification",
+    "BertModel",
+    "BertModelOutput",
+    "CheckpointKeyError",
+    "HFModule",
+    "LlamaForCausalLM",
+    "LlamaForSequenceClassification",
+    "LlamaModel",
+    "RMSNorm",
+    "StaticConfig",
+    "T5EncoderForSequenceClassification",
+    "T5EncoderModel",
+    "T5ForConditionalGeneration",
+    "T5Model",
+    "T5ModelOutput",
+    "apply_rotary",
+    "attention",
+    "get_activation",
+    "hf_param_names",
+    "last_token_pooling",
+    "load_pretrained",
+    "make_dropout",
+    "mean_pooling",
+    "minilm_path",
+    "read_safetensors",
+    "relative_position_bucket",
+    "resolve_model_class",
+    "rope_inv_freq",
+    "save_hf_checkpoint",
+    "sentence_embedding",
+    "shift_right",
+    "to_hf_state_dict",
+]

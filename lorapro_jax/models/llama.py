@@ -1,0 +1,338 @@
+"""Llama-family decoder (Llama 2/3, TinyLlama, SmolLM, ...) in Flax NNX with HF module names.
+
+Linear paths match ``transformers.models.llama.modeling_llama``: ``model.layers.0.self_attn.q_proj``
+(``k_proj``, ``v_proj``, ``o_proj``), ``model.layers.0.mlp.gate_proj`` (``up_proj``,
+``down_proj``), ``lm_head`` / ``score``. Implements RMSNorm, rotary position embeddings (``default``,
+``linear`` and ``llama3`` rope types, ``rope_theta`` from ``config.rope_parameters`` or the legacy
+``config.rope_theta``), grouped-query attention (``num_key_value_heads``), SwiGLU MLP, causal +
+padding masks and tied word embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from ._common import (
+    RMSNorm,
+    attention,
+    causal_mask,
+    combine_masks,
+    get_activation,
+    last_token_index,
+    last_token_pooling,
+    make_dropout,
+    padding_mask,
+)
+from .base import HFModule
+
+__all__ = [
+    "LlamaForCausalLM",
+    "LlamaForSequenceClassification",
+    "LlamaModel",
+    "apply_rotary",
+    "rope_inv_freq",
+]
+
+Dtype = Any
+
+
+def _rope_params(config: Any) -> dict[str, Any]:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    legacy = getattr(config, "rope_scaling", None)
+    if isinstance(legacy, dict):
+        for k, v in legacy.items():
+            params.setdefault(k, v)
+    if "rope_type" not in params:
+        params["rope_type"] = params.pop("type", "default")
+    if "rope_theta" not in params:
+        params["rope_theta"] = getattr(config, "rope_theta", None) or 10000.0
+    return params
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_inv_freq(config: Any) -> np.ndarray:
+    """Inverse RoPE frequencies ``(head_dim // 2,)`` (float32), following HF's rope init functions.
+
+    Supports ``rope_type`` ``"default"``, ``"linear"`` and ``"llama3"``.
+
+    Raises:
+        NotImplementedError: other rope types (``dynamic``, ``yarn``, ...) or partial rotary.
+    """
+    p = _rope_params(config)
+    if p.get("partial_rotary_factor", 1.0) != 1.0:
+        raise NotImplementedError("partial_rotary_factor != 1 is not supported")
+    dim = _head_dim(config)
+    base = float(p["rope_theta"])
+    inv = (1.0 / (base ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+    kind = p["rope_type"]
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return (inv / float(p["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor, lo, hi = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
+        old = float(p["original_max_position_embeddings"])
+        lo_wl, hi_wl = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > lo_wl, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise NotImplementedError(f"rope_type={kind!r} is not supported (default, linear, llama3)")
+
+
+def apply_rotary(
+    x: Float[Array, "batch seq heads head_dim"],
+    cos: Float[Array, "batch seq head_dim"],
+    sin: Float[Array, "batch seq head_dim"],
+) -> Float[Array, "batch seq heads head_dim"]:
+    """HF ("rotate_half") rotary embedding: ``x * cos + rotate_half(x) * sin``."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
+
+
+def _normal(std: float):
+    return nnx.initializers.normal(std)
+
+
+class LlamaAttention(nnx.Module):
+    """GQA self-attention with ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``."""
+
+    def __init__(self, config: Any, *, dtype, param_dtype, rngs):
+        self.head_dim = _head_dim(config)
+        self.n_heads = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        bias = bool(getattr(config, "attention_bias", False))
+        std = config.initializer_range
+        kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=_normal(std))
+        h = config.hidden_size
+        self.q_proj = nnx.Linear(h, self.n_heads * self.head_dim, **kw)
+        self.k_proj = nnx.Linear(h, self.n_kv * self.head_dim, **kw)
+        self.v_proj = nnx.Linear(h, self.n_kv * self.head_dim, **kw)
+        self.o_proj = nnx.Linear(self.n_heads * self.head_dim, h, **kw)
+        self.dropout = make_dropout(getattr(config, "attention_dropout", 0.0) or 0.0, rngs)
+
+    def __call__(self, hidden, cos, sin, mask, *, deterministic=None):
+        b, s, _ = hidden.shape
+        q = self.q_proj(hidden).reshape(b, s, self.n_heads, self.head_dim)
+        k = self.k_proj(hidden).reshape(b, s, self.n_kv, self.head_dim)
+        v = self.v_proj(hidden).reshape(b, s, self.n_kv, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention(q, k, v, mask=mask, dropout=self.dropout, deterministic=deterministic)
+        return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim))
+
+
+class LlamaMLP(nnx.Module):
+    """SwiGLU: ``down_proj(act(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, config: Any, *, dtype, param_dtype, rngs):
+        bias = bool(getattr(config, "mlp_bias", False))
+        kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                  kernel_init=_normal(config.initializer_range))
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nnx.Linear(h, i, **kw)
+        self.up_proj = nnx.Linear(h, i, **kw)
+        self.down_proj = nnx.Linear(i, h, **kw)
+        self.act = config.hidden_act
+
+    def __call__(self, x):
+        return self.down_proj(get_activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    """Pre-norm block: ``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``."""
+
+    def __init__(self, config: Any, *, dtype, param_dtype, rngs):
+        eps = config.rms_norm_eps
+        self.self_attn = LlamaAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = LlamaMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, hidden, cos, sin, mask, *, deterministic=None):
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask, deterministic=deterministic)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(HFModule):
+    """Bare Llama decoder: ``embed_tokens``, ``layers`` (``nnx.List``), ``norm``.
+
+    Args:
+        config: a ``transformers.LlamaConfig`` (or a compatible config, e.g. ``mistral`` without
+            sliding window is *not* accepted by the loader's model_type check).
+        dtype: computation dtype; ``param_dtype``: parameter dtype; ``rngs``: init / dropout RNGs.
+    """
+
+    model_type = "llama"
+    base_model_prefix = "model"
+    hf_ignore_unexpected = (r"(^|\.)rotary_emb\.inv_freq$", r"(^|\.)self_attn\.rotary_emb\.inv_freq$")
+
+    def __init__(self, config: Any, *, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self._set_config(config)
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            embedding_init=_normal(config.initializer_range),
+        )
+        self.layers = nnx.List(
+            [
+                LlamaDecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(config.num_hidden_layers)
+            ]
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        # Static (hashable) tuple; turned into an array at call time.
+        self.inv_freq = tuple(float(x) for x in rope_inv_freq(config))
+
+    def rotary(self, position_ids: Int[Array, "batch seq"], dtype) -> tuple[Array, Array]:
+        """``cos, sin`` of shape ``(batch, seq, head_dim)`` (float32 math, cast to ``dtype``)."""
+        inv = jnp.asarray(self.inv_freq, dtype=jnp.float32)
+        freqs = position_ids.astype(jnp.float32)[..., None] * inv
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+    def __call__(
+        self,
+        input_ids: Int[Array, "batch seq"],
+        attention_mask: Int[Array, "batch seq"] | None = None,
+        position_ids: Int[Array, "batch seq"] | None = None,
+        *,
+        deterministic: bool | None = None,
+    ) -> Float[Array, "batch seq hidden"]:
+        """Return final-norm hidden states ``(batch, seq, hidden)``.
+
+        Args:
+            input_ids: ``(batch, seq)`` token ids.
+            attention_mask: ``(batch, seq)`` 1 for real tokens, 0 for padding (combined with the
+                causal mask).
+            position_ids: ``(batch, seq)``; default ``arange(seq)`` as in HF's plain forward
+                (pass ``cumsum(mask) - 1`` yourself for left padding).
+            deterministic: overrides the dropout layers' flag.
+        """
+        seq = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None], input_ids.shape)
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids, h.dtype)
+        mask = combine_masks(causal_mask(seq), padding_mask(attention_mask))
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, deterministic=deterministic)
+        return self.norm(h)
+
+
+def _tie(config: Any) -> bool:
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+class LlamaForCausalLM(HFModule):
+    """Llama with a language-modelling head: ``model`` + ``lm_head`` (absent when tied; the
+    logits then use ``model.embed_tokens`` transposed).
+
+    Args:
+        config: a ``transformers.LlamaConfig``.
+        tie_word_embeddings: override ``config.tie_word_embeddings``.
+        dtype, param_dtype, rngs: as in :class:`LlamaModel`.
+    """
+
+    model_type = "llama"
+    base_model_prefix = "model"
+    hf_ignore_unexpected = LlamaModel.hf_ignore_unexpected
+
+    def __init__(self, config: Any, *, tie_word_embeddings: bool | None = None, dtype: Dtype | None = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self._set_config(config)
+        self.tie_word_embeddings = _tie(config) if tie_word_embeddings is None else tie_word_embeddings
+        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if self.tie_word_embeddings
+            else nnx.Linear(
+                config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                rngs=rngs, kernel_init=_normal(config.initializer_range),
+            )
+        )
+
+    @classmethod
+    def hf_prepare_kwargs(cls, config: Any, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Untie when a checkpoint marked tied carries a distinct ``lm_head.weight``."""
+        emb = tensors.get("model.embed_tokens.weight")
+        head = tensors.get("lm_head.weight")
+        if _tie(config) and emb is not None and head is not None:
+            if emb.shape != head.shape or not np.array_equal(emb, head):
+                return {"tie_word_embeddings": False}
+        return {}
+
+    def hf_tied_aliases_for_instance(self) -> dict[str, str]:
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.tie_word_embeddings else {}
+
+    def __call__(
+        self,
+        input_ids: Int[Array, "batch seq"],
+        attention_mask: Int[Array, "batch seq"] | None = None,
+        position_ids: Int[Array, "batch seq"] | None = None,
+        *,
+        deterministic: bool | None = None,
+    ) -> Float[Array, "batch seq vocab"]:
+        """Return next-token logits ``(batch, seq, vocab)``."""
+        h = self.model(input_ids, attention_mask, position_ids, deterministic=deterministic)
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(h)
+        return self.lm_head(h)
+
+
+class LlamaForSequenceClassification(HFModule):
+    """Llama + bias-free linear ``score`` read at the last real token of each sequence.
+
+    The pooled position is the right-most token with ``attention_mask == 1`` when a mask is
+    given (robust to ``pad == eos`` tokenizers and either padding side); otherwise HF's rule:
+    the right-most token that is not ``config.pad_token_id`` (or the last token if the config has
+    no pad id).
+
+    Args:
+        config: a ``transformers.LlamaConfig``; ``config.num_labels`` unless ``num_labels`` given.
+        num_labels: number of logits.
+        dtype, param_dtype, rngs: as in :class:`LlamaModel`.
+    """
+
+    model_type = "llama"
+    base_model_prefix = "model"
+    hf_ignore_unexpected = LlamaModel.hf_ignore_unexpected + (r"^lm_head\.",)
+    hf_default_allow_missing = (r"^score\.",)
+
+    def __init__(self, config: Any, *, num_labels: int | None = None, dtype: Dtype | None = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self._set_config(config)
+        self.num_labels = int(num_labels if num_labels is not None else config.num_labels)
+        self.pad_token_id = getattr(config, "pad_token_id", None)
+        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.score = nnx.Linear(
+            config.hidden_size, self.num_labels, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            kernel_init=_normal(config.initializer_range),
+        )
+
+    def __call__(
+        self,
+        input_ids: Int[Array, "batch seq"],
+        attention_mask: Int[Array, "batch seq"] | None = None,
+        position_ids: Int[Array, "batch seq"] | None = None,
+        *,
+        deterministic: bool | None = None,
+    ) -> Float[Array, "batch num_labels"]:
+        """Return logits ``(batch, num_labels)`` at the last real token."""
+        h = self.model(input_ids, attention_mask, position_ids, deterministic=deterministic)
+        idx = last_token_index(input_ids, attention_mask, self.pad_token_id, input_ids.shape[1])
+        return self.score(last_token_pooling(h, idx))

@@ -1,0 +1,522 @@
+"""Load Hugging Face safetensors checkpoints into the NNX models and export them back.
+
+Naming contract: the NNX attribute path of every parameter, joined with ``"."``, is the HF module
+name; the leaf maps as follows (torch ``nn.Linear`` stores ``(out, in)``, Flax ``(in, out)``):
+
+==================  =======================  ===========
+NNX leaf            HF suffix                transform
+==================  =======================  ===========
+``kernel``          ``weight``               transpose
+``embedding``       ``weight``               --
+``scale``           ``weight`` (LayerNorm)   --
+``weight``          ``weight`` (RMSNorm)     --
+``bias``            ``bias``                 --
+==================  =======================  ===========
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .base import HFModule
+
+__all__ = [
+    "CheckpointKeyError",
+    "MODEL_REGISTRY",
+    "hf_param_names",
+    "load_pretrained",
+    "read_safetensors",
+    "resolve_model_class",
+    "save_hf_checkpoint",
+    "to_hf_state_dict",
+]
+
+#: NNX leaf name -> (HF leaf name, transpose?)
+_LEAF_MAP: dict[str, tuple[str, bool]] = {
+    "kernel": ("weight", True),
+    "embedding": ("weight", False),
+    "scale": ("weight", False),
+    "weight": ("weight", False),
+    "bias": ("bias", False),
+}
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointKeyError(KeyError):
+    """Raised when checkpoint and model disagree (missing / unexpected keys or wrong shapes)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------
+
+
+def _registry() -> dict[str, type[HFModule]]:
+    from . import bert, llama, t5
+
+    classes: list[type[HFModule]] = [
+        bert.BertModel,
+        bert.BertForSequenceClassification,
+        t5.T5Model,
+        t5.T5ForConditionalGeneration,
+        t5.T5EncoderModel,
+        t5.T5EncoderForSequenceClassification,
+        llama.LlamaModel,
+        llama.LlamaForCausalLM,
+        llama.LlamaForSequenceClassification,
+    ]
+    reg: dict[str, type[HFModule]] = {c.__name__: c for c in classes}
+    # model_type -> default class
+    reg.update({"bert": bert.BertModel, "t5": t5.T5ForConditionalGeneration, "llama": llama.LlamaForCausalLM})
+    return reg
+
+
+class _LazyRegistry(Mapping):
+    """Name -> model class; built on first access to avoid import cycles."""
+
+    def _d(self) -> dict[str, type[HFModule]]:
+        if not hasattr(self, "_cache"):
+            self._cache = _registry()
+        return self._cache
+
+    def __getitem__(self, k: str) -> type[HFModule]:
+        return self._d()[k]
+
+    def __iter__(self):
+        return iter(self._d())
+
+    def __len__(self) -> int:
+        return len(self._d())
+
+
+#: Names accepted by :func:`load_pretrained`: every class name plus ``"bert"``, ``"t5"``,
+#: ``"llama"`` (default class of that ``model_type``).
+MODEL_REGISTRY: Mapping[str, type[HFModule]] = _LazyRegistry()
+
+
+def resolve_model_class(model_cls_or_name: type[HFModule] | str | None, config: Any) -> type[HFModule]:
+    """Resolve a class, a registry name, ``"auto"`` or ``None`` against a config.
+
+    ``"auto"``/``None`` use ``config.architectures[0]`` when it is a registered class name, else
+    the default class for ``config.model_type``.
+
+    Raises:
+        ValueError: unknown name, or the class is for a different ``model_type`` than the config.
+    """
+    if model_cls_or_name is None or model_cls_or_name == "auto":
+        archs = list(getattr(config, "architectures", None) or [])
+        name = next((a for a in archs if a in MODEL_REGISTRY), None) or config.model_type
+        if name not in MODEL_REGISTRY:
+            raise ValueError(f"No NNX model for model_type={config.model_type!r}; known: {sorted(MODEL_REGISTRY)}")
+        cls = MODEL_REGISTRY[name]
+    elif isinstance(model_cls_or_name, str):
+        if model_cls_or_name not in MODEL_REGISTRY:
+            raise ValueError(f"Unknown model {model_cls_or_name!r}; known: {sorted(MODEL_REGISTRY)}")
+        cls = MODEL_REGISTRY[model_cls_or_name]
+    else:
+        cls = model_cls_or_name
+    if cls.model_type and getattr(config, "model_type", cls.model_type) != cls.model_type:
+        raise ValueError(
+            f"{cls.__name__} expects model_type={cls.model_type!r} but the config has "
+            f"model_type={config.model_type!r}"
+        )
+    return cls
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors reading
+# ----------------------------------------------------------------------------------------------
+
+_ST_DTYPES: dict[str, Any] = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def _st_dtype(code: str) -> Any:
+    if code in _ST_DTYPES:
+        return _ST_DTYPES[code]
+    import ml_dtypes  # shipped with jax
+
+    extra = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+    if code in extra:
+        return extra[code]
+    raise TypeError(f"Unsupported safetensors dtype {code}")
+
+
+def _read_raw(file: Path, keys: Iterable[str]) -> dict[str, np.ndarray]:
+    """Read tensors straight from the safetensors byte layout (used for bf16/fp8, which
+    ``safe_open(framework="numpy")`` cannot represent)."""
+    out: dict[str, np.ndarray] = {}
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        base = 8 + n
+        for k in keys:
+            info = header[k]
+            start, end = info["data_offsets"]
+            f.seek(base + start)
+            buf = f.read(end - start)
+            out[k] = np.frombuffer(buf, dtype=_st_dtype(info["dtype"])).reshape(info["shape"]).copy()
+    return out
+
+
+def _read_file(file: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    out: dict[str, np.ndarray] = {}
+    fallback: list[str] = []
+    with safe_open(str(file), framework="numpy") as f:
+        for k in f.keys():
+            try:
+                out[k] = f.get_tensor(k)
+            except TypeError:  # bfloat16 etc. have no numpy dtype
+                fallback.append(k)
+    if fallback:
+        out.update(_read_raw(file, fallback))
+    return out
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a (possibly sharded) safetensors checkpoint into ``{hf_name: np.ndarray}``.
+
+    Args:
+        path: a directory containing ``model.safetensors`` or ``model.safetensors.index.json``
+            (sharded: every shard named in ``weight_map`` is read), or a single ``.safetensors``
+            file.
+
+    Returns:
+        HF-layout arrays (``nn.Linear`` weights are ``(out, in)``). bfloat16 tensors come back
+        as ``ml_dtypes.bfloat16`` arrays.
+
+    Raises:
+        FileNotFoundError: no safetensors weights found.
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return _read_sharded(path)
+        return _read_file(path)
+    index = path / SAFE_WEIGHTS_INDEX_NAME
+    single = path / SAFE_WEIGHTS_NAME
+    if single.is_file():
+        return _read_file(single)
+    if index.is_file():
+        return _read_sharded(index)
+    raise FileNotFoundError(
+        f"No {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {path} (only safetensors checkpoints are supported)"
+    )
+
+
+def _read_sharded(index: Path) -> dict[str, np.ndarray]:
+    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    out: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors = _read_file(index.parent / shard)
+        wanted = {k for k, v in weight_map.items() if v == shard}
+        missing = wanted - tensors.keys()
+        if missing:
+            raise CheckpointKeyError(f"Shard {shard} lacks keys listed in {index.name}: {sorted(missing)}")
+        out.update(tensors)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Name mapping
+# ----------------------------------------------------------------------------------------------
+
+
+def _hf_key(path: tuple[Any, ...]) -> tuple[str, bool] | None:
+    leaf = str(path[-1])
+    if leaf not in _LEAF_MAP:
+        return None
+    hf_leaf, transpose = _LEAF_MAP[leaf]
+    return ".".join([str(p) for p in path[:-1]] + [hf_leaf]), transpose
+
+
+def hf_param_names(model: nnx.Module, *, ignore_unknown: bool = False) -> dict[str, tuple[tuple[Any, ...], bool]]:
+    """Map every ``nnx.Param`` of ``model`` to its HF checkpoint key.
+
+    Returns:
+        ``{hf_key: (nnx_path, transpose)}`` where ``transpose`` is ``True`` for Linear kernels.
+
+    Raises:
+        ValueError: a parameter leaf has no HF equivalent (e.g. an un-merged LoRA factor) and
+            ``ignore_unknown`` is false.
+    """
+    out: dict[str, tuple[tuple[Any, ...], bool]] = {}
+    unknown = []
+    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        m = _hf_key(path)
+        if m is None:
+            unknown.append(".".join(map(str, path)))
+            continue
+        key, transpose = m
+        if key in out:
+            raise ValueError(f"Two parameters map to the same HF key {key!r}")
+        out[key] = (tuple(path), transpose)
+    if unknown and not ignore_unknown:
+        raise ValueError(
+            "Parameters without a Hugging Face equivalent (merge adapters first or pass "
+            f"ignore_unknown=True): {unknown}"
+        )
+    return out
+
+
+def to_hf_state_dict(model: nnx.Module, *, ignore_unknown: bool = False) -> dict[str, np.ndarray]:
+    """Export a model's parameters under Hugging Face names and layouts.
+
+    Linear kernels ``(in, out)`` are transposed back to torch ``(out, in)``; everything else is
+    copied as is. Tied weights (e.g. ``lm_head`` of a tied Llama) are not duplicated, matching
+    what ``save_pretrained`` writes.
+
+    Args:
+        model: any model from :mod:`lorapro_jax.models` (or a sub-module: names are then relative).
+        ignore_unknown: skip parameters whose leaf has no HF equivalent instead of raising.
+
+    Returns:
+        ``{hf_name: np.ndarray}`` ready for ``safetensors.numpy.save_file``.
+    """
+    out: dict[str, np.ndarray] = {}
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for key, (path, transpose) in hf_param_names(model, ignore_unknown=ignore_unknown).items():
+        arr = np.asarray(jax.device_get(flat[path][...]))
+        out[key] = np.ascontiguousarray(arr.T if transpose else arr)
+    return out
+
+
+def save_hf_checkpoint(
+    model: HFModule,
+    directory: str | os.PathLike,
+    *,
+    config: Any | None = None,
+    ignore_unknown: bool = False,
+) -> Path:
+    """Write ``model.safetensors`` (+ ``config.json``) in Hugging Face layout.
+
+    Args:
+        model: model to export (merge LoRA adapters before exporting a full checkpoint).
+        directory: output directory (created if needed).
+        config: config to write; defaults to ``model.config``. ``None`` and no ``model.config``:
+            only the weights are written.
+        ignore_unknown: see :func:`to_hf_state_dict`.
+
+    Returns:
+        The output directory.
+    """
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(to_hf_state_dict(model, ignore_unknown=ignore_unknown), str(directory / SAFE_WEIGHTS_NAME),
+              metadata={"format": "pt"})
+    config = config if config is not None else getattr(model, "config", None)
+    if config is not None:
+        config.save_pretrained(str(directory))
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _compile(patterns: str | Iterable[str] | None) -> list[re.Pattern[str]]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return [re.compile(p) for p in patterns]
+
+
+def _matches(key: str, pats: list[re.Pattern[str]]) -> bool:
+    return any(p.search(key) for p in pats)
+
+
+def _normalise_prefix(
+    tensors: dict[str, np.ndarray], expected: set[str], prefix: str | None
+) -> dict[str, np.ndarray]:
+    """Add or strip ``base_model_prefix`` so that base checkpoints load into task models and
+    task checkpoints into base models (HF's rule)."""
+    if not prefix:
+        return tensors
+    p = prefix + "."
+    model_nests = any(k.startswith(p) for k in expected)
+    ckpt_nests = any(k.startswith(p) for k in tensors)
+    if model_nests and not ckpt_nests:
+        return {(p + k if (p + k) in expected else k): v for k, v in tensors.items()}
+    if ckpt_nests and not model_nests:
+        return {(k[len(p):] if k.startswith(p) else k): v for k, v in tensors.items()}
+    return tensors
+
+
+def _fresh_rng_state(others: list[tuple[tuple[Any, ...], Any]], rngs: nnx.Rngs) -> dict[tuple[Any, ...], Any]:
+    """Concrete values for abstract dropout RNG variables: independent keys split from the
+    ``dropout`` (else ``default``) stream of ``rngs`` and zero counters."""
+    key_paths = [p for p, v in others if isinstance(v, nnx.RngKey)]
+    out: dict[tuple[Any, ...], Any] = {}
+    if key_paths:
+        stream = "dropout" if "dropout" in rngs else "default"
+        keys = jax.random.split(rngs[stream](), len(key_paths))
+        out.update({p: keys[i] for i, p in enumerate(key_paths)})
+    for p, v in others:
+        if isinstance(v, nnx.RngCount):
+            out[p] = jnp.zeros(v.shape, v.dtype)
+    return out
+
+
+def load_pretrained(
+    model_cls_or_name: type[HFModule] | str | None,
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = None,
+    rngs: nnx.Rngs | None = None,
+    config: Any | None = None,
+    config_overrides: Mapping[str, Any] | None = None,
+    allow_missing: str | Iterable[str] | None = None,
+    allow_unexpected: str | Iterable[str] | None = None,
+    **model_kwargs: Any,
+) -> HFModule:
+    """Build an NNX model from a local Hugging Face checkpoint directory.
+
+    Steps: read ``config.json`` with ``transformers.AutoConfig`` (local files only), build the
+    model abstractly (``nnx.eval_shape``, no random init of loaded weights), read the
+    safetensors weights (single file or sharded index), map HF names onto NNX paths (Linear
+    weights transposed to ``(in, out)``, cast to ``param_dtype``), check for missing, unexpected
+    and mis-shaped keys, and initialise only the parameters that are legitimately missing
+    (e.g. a new classification head).
+
+    Args:
+        model_cls_or_name: a model class, a name from :data:`MODEL_REGISTRY` (class name or
+            ``"bert"``/``"t5"``/``"llama"``), or ``None``/``"auto"`` to use
+            ``config.architectures``.
+        path: checkpoint directory (``config.json`` + ``model.safetensors`` or
+            ``model.safetensors.index.json``).
+        dtype: computation dtype.
+        param_dtype: parameter dtype; defaults to ``dtype``.
+        rngs: RNGs used for newly initialised parameters and dropout (default ``nnx.Rngs(0)``,
+            i.e. dropout off until ``model.train()``; pass ``nnx.Rngs(params=0, dropout=1)`` to
+            have dropout on by default).
+        config: a ready ``transformers`` config (skips reading ``config.json``).
+        config_overrides: keyword overrides for ``AutoConfig.from_pretrained`` (e.g.
+            ``{"num_labels": 3}``).
+        allow_missing: regex(es) (``re.search`` on the HF key) of parameters that may be absent
+            from the checkpoint; they keep their fresh initialisation. Task heads of the class
+            (``classifier``, ``score``) are always allowed.
+        allow_unexpected: regex(es) of checkpoint keys that may be left unused.
+        **model_kwargs: forwarded to the model constructor (``pooling=``, ``num_labels=``,
+            ``tie_word_embeddings=`` ...).
+
+    Returns:
+        The model with checkpoint weights.
+
+    Raises:
+        CheckpointKeyError: missing keys not covered by ``allow_missing``, unexpected keys not
+            covered by ``allow_unexpected``, or shape mismatches; the message lists the keys.
+    """
+    path = Path(path)
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, **dict(config_overrides or {}))
+    elif config_overrides:
+        for k, v in config_overrides.items():
+            setattr(config, k, v)
+    cls = resolve_model_class(model_cls_or_name, config)
+    param_dtype = dtype if param_dtype is None else param_dtype
+    rngs = nnx.Rngs(0) if rngs is None else rngs
+
+    tensors = read_safetensors(path)
+    prepare = getattr(cls, "hf_prepare_kwargs", None)
+    if prepare is not None:
+        for k, v in prepare(config, tensors).items():
+            model_kwargs.setdefault(k, v)
+
+    def build(r: nnx.Rngs) -> HFModule:
+        return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=r, **model_kwargs)
+
+    abstract = nnx.eval_shape(lambda: build(nnx.clone(rngs)))
+    names = hf_param_names(abstract)
+    expected = set(names)
+    tensors = _normalise_prefix(tensors, expected, cls.base_model_prefix)
+
+    # Tied aliases: accept a duplicate of its source; use it as the source if the source is absent.
+    for alias, src in abstract.hf_tied_aliases_for_instance().items():
+        if alias not in tensors:
+            continue
+        if src not in tensors:
+            tensors[src] = tensors.pop(alias)
+        elif tensors[alias].shape == tensors[src].shape and np.array_equal(tensors[alias], tensors[src]):
+            del tensors[alias]
+
+    ignore = _compile(abstract.hf_ignore_unexpected_for_instance()) + _compile(allow_unexpected)
+    ok_missing = _compile(cls.hf_default_allow_missing) + _compile(allow_missing)
+
+    flat_abs = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+    missing = sorted(k for k in expected if k not in tensors)
+    bad_missing = [k for k in missing if not _matches(k, ok_missing)]
+    unexpected = sorted(k for k in tensors if k not in expected and not _matches(k, ignore))
+    mismatched = []
+    for key in sorted(expected & tensors.keys()):
+        p, transpose = names[key]
+        want = tuple(flat_abs[p].shape)
+        got = tuple(tensors[key].shape[::-1] if transpose else tensors[key].shape)
+        if want != got:
+            mismatched.append(f"{key}: checkpoint {tuple(tensors[key].shape)} vs model {want} (after transpose: {transpose})")
+    if bad_missing or unexpected or mismatched:
+        parts = [f"Cannot load {path} into {cls.__name__}:"]
+        if bad_missing:
+            parts.append(f"  missing keys ({len(bad_missing)}): {bad_missing}")
+        if unexpected:
+            parts.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
+        if mismatched:
+            parts.append(f"  shape mismatches ({len(mismatched)}): {mismatched}")
+        parts.append("Use allow_missing=/allow_unexpected= regexes for keys that are expected to differ.")
+        raise CheckpointKeyError("\n".join(parts))
+
+    loaded_paths = {names[k][0] for k in expected if k in tensors}
+    model = abstract
+    others = list(nnx.to_flat_state(nnx.state(abstract, nnx.Not(nnx.Param))))
+    only_rng_state = all(isinstance(v, (nnx.RngKey, nnx.RngCount)) for _, v in others)
+    if not missing and only_rng_state:
+        # Fast path: every parameter comes from the checkpoint, the rest is dropout RNG state.
+        nnx.update(model, nnx.State.from_flat_path(_fresh_rng_state(others, rngs)))
+    else:
+        def keep(path: tuple[Any, ...], x: Any) -> bool:
+            return not (isinstance(x, nnx.Param) and tuple(path) in loaded_paths)
+
+        # Fresh heads and RNG state are created for real inside jit; XLA drops the random init
+        # of the parameters that the checkpoint overwrites.
+        rest = nnx.jit(lambda r: nnx.state(build(r), keep))(rngs)
+        nnx.update(model, rest)
+    loaded = {}
+    for key in expected & tensors.keys():
+        p, transpose = names[key]
+        arr = tensors[key].T if transpose else tensors[key]
+        loaded[p] = jnp.asarray(arr, dtype=flat_abs[p].dtype)
+    nnx.update(model, nnx.State.from_flat_path(loaded))
+    return model
