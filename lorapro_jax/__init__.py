@@ -24,8 +24,10 @@ from .lora import (
     unmerge_lora,
 )
 from .optim import (
+    LeanMoments,
     LoraProDecayState,
     ScaleByLoraProAdamState,
+    ScaleByLoraProLeanState,
     add_lora_pro_decayed_weights,
     base_decay_factor,
     damped_pinv,
@@ -36,5 +38,6 @@ from .optim import (
     lora_pro_sgd,
     scale_by_lora_pro,
     scale_by_lora_pro_adam,
+    scale_by_lora_pro_lean,
     solve_sylvester_psd,
 )

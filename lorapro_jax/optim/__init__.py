@@ -14,3 +14,4 @@ from .lora_pro import (
     scale_by_lora_pro,
     scale_by_lora_pro_adam,
 )
+from .lean import LeanMoments, ScaleByLoraProLeanState, scale_by_lora_pro_lean, truncated_sum

@@ -86,3 +86,18 @@ def check_finite(tree: Any, name: str) -> None:
 
 def pair_like(pair: LoraPair, a: Any, b: Any) -> LoraPair:
     return LoraPair(a, b, pair.scale)
+
+
+class Packed:
+    """An opaque leaf bundling several per-node results (e.g. update and new moments) of one map."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, *items):
+        self.items = items
+
+
+def unzip_packed(tree: Any, n: int) -> tuple[Any, ...]:
+    """Splits a tree of :class:`Packed` leaves into ``n`` trees of the same structure."""
+    is_packed = lambda x: isinstance(x, Packed)
+    return tuple(jax.tree.map(lambda t: t.items[i], tree, is_leaf=is_packed) for i in range(n))

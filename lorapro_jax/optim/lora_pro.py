@@ -31,7 +31,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from ..lora.pairing import LoraPair, pair_matrices
-from ._tree import check_finite, map_pairs, require_params
+from ._tree import Packed, check_finite, map_pairs, require_params, unzip_packed
 from .linalg import damped_pinv, solve_sylvester_psd
 
 __all__ = [
@@ -303,23 +303,20 @@ def scale_by_lora_pro_adam(
             upd = LoraPair(
                 ua.T.reshape(u.a.shape).astype(u.a.dtype), ub.T.reshape(u.b.shape).astype(u.b.dtype), u.scale
             )
-            return (upd, mu2.reshape(mu.shape).astype(mu.dtype), nu2.reshape(nu.shape).astype(nu.dtype))
+            return Packed(upd, mu2.reshape(mu.shape).astype(mu.dtype), nu2.reshape(nu.shape).astype(nu.dtype))
 
         def on_leaf(path, g, p, mu, nu):
             if not hasattr(g, "shape"):
-                return (g, mu, nu)
+                return Packed(g, mu, nu)
             dt = jnp.promote_types(g.dtype, jnp.float32)
             bc1, bc2 = _bias_correction(b1, count, dt), _bias_correction(b2, count, dt)
             mu2 = b1 * mu.astype(dt) + (1.0 - b1) * g.astype(dt)
             nu2 = b2 * nu.astype(dt) + (1.0 - b2) * jnp.square(g.astype(dt))
             d = (mu2 / bc1) / (jnp.sqrt(nu2 / bc2 + eps_root) + eps)
-            return (d.astype(g.dtype), mu2.astype(mu.dtype), nu2.astype(nu.dtype))
+            return Packed(d.astype(g.dtype), mu2.astype(mu.dtype), nu2.astype(nu.dtype))
 
-        triples = map_pairs(on_pair, on_leaf, updates, params, state.mu, state.nu)
-        is_triple = lambda x: isinstance(x, tuple) and not hasattr(x, "_fields") and len(x) == 3
-        new_updates = jax.tree.map(lambda t: t[0], triples, is_leaf=is_triple)
-        new_mu = jax.tree.map(lambda t: t[1], triples, is_leaf=is_triple)
-        new_nu = jax.tree.map(lambda t: t[2], triples, is_leaf=is_triple)
+        packed = map_pairs(on_pair, on_leaf, updates, params, state.mu, state.nu)
+        new_updates, new_mu, new_nu = unzip_packed(packed, 3)
         return new_updates, ScaleByLoraProAdamState(count=count, mu=new_mu, nu=new_nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
