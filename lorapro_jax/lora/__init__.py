@@ -18,3 +18,4 @@ from .nnx_lora import (
     unmerge_lora,
 )
 from .pairing import LoraPair, is_lora_pair, lora_scale, pair_matrices
+from .linen_lora import apply_linen_lora, init_linen_lora, linen_targets, merge_linen_lora
