@@ -1,0 +1,534 @@
+"""Orbax checkpoints for LoRA fine-tuning: adapters alone, or a full, exactly resumable training state.
+
+Two entry points:
+
+* :func:`save_adapters` / :func:`restore_adapters`: only the LoRA state of a model — every
+  :class:`~lorapro_jax.lora.nnx_lora.LoRAParam` (its :class:`~lorapro_jax.lora.pairing.LoraPair` is
+  stored as ``{"a": (*in, r), "b": (r, *out)}``, Flax layout) plus the rank-allocation state
+  (:class:`LoRAGate` ``(r,)``, :class:`LoRAMask` like ``a``, :class:`LoRAStat`), with JSON metadata
+  (per layer: rank, scale, kernel shapes; the :class:`~lorapro_jax.lora.config.LoraConfig` if given).
+* :class:`TrainCheckpointer`: an ``orbax.checkpoint.CheckpointManager`` that saves and restores
+  everything a training run needs to continue bit for bit — the trainable variables (the
+  optimizer's ``wrt`` filter: adapters and e.g. a classifier head), the LoRA gates/masks/statistics,
+  the model's RNG streams (dropout), the whole ``nnx.Optimizer`` state (step count and ``opt_state``,
+  e.g. LoRA-Pro's full-size Adam moments ``(*in, *out)`` per pair), an optional extra ``nnx.Rngs``,
+  and a JSON ``data_state`` (e.g. ``{"epoch": 1, "index": 17}``).
+
+Storage format: every group of variables is written as a plain nested dict of arrays whose keys are
+the NNX path components (``{"encoder": {"layer": {"0": ... {"query": {"lora": {"a": .., "b": ..}}}}}}``),
+so a checkpoint never depends on pickled Python classes. Typed PRNG keys are stored as their raw
+``jax.random.key_data``.
+
+Restoring always goes INTO an existing model / optimizer (concrete, or abstract from
+``nnx.eval_shape``): its structure, shapes, dtypes and shardings are the restore template, so
+restored arrays land with the target's sharding. A checkpoint that does not fit the target (missing
+or unexpected variables, other shapes, other LoRA ranks or scales) raises a ``ValueError`` naming the
+offending paths before anything is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from .lora.config import LoraConfig
+from .lora.nnx_lora import LoRAGate, LoRAMask, LoRAParam, LoRAStat, lora_layers
+
+__all__ = [
+    "ADAPTER_FILTER",
+    "save_adapters",
+    "restore_adapters",
+    "read_adapter_metadata",
+    "RestoredTrainState",
+    "TrainCheckpointer",
+]
+
+FORMAT_VERSION = 1
+
+#: The LoRA variables saved by :func:`save_adapters`: factors, gates, masks and statistics.
+ADAPTER_FILTER = nnx.Any(LoRAParam, LoRAGate, LoRAMask, LoRAStat)
+
+Path = tuple[str, ...]
+
+
+# -- state <-> plain nested dicts ----------------------------------------------------------------------
+def _key_name(k: Any) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _is_prng_key(x: Any) -> bool:
+    dt = getattr(x, "dtype", None)
+    return dt is not None and jax.dtypes.issubdtype(dt, jax.dtypes.prng_key)
+
+
+def _flat_leaves(state: nnx.State) -> list[tuple[Path, nnx.Variable, Path, Any]]:
+    """``[(full_path, variable, sub_path, leaf)]`` for every array leaf of every Variable in ``state``.
+
+    ``sub_path`` addresses the leaf inside the Variable's value (``("a",)`` / ``("b",)`` for a
+    :class:`LoraPair`, ``()`` for a plain array).
+    """
+    out = []
+    for vpath, var in nnx.to_flat_state(state):
+        value = var.get_value()
+        sub, _ = jax.tree_util.tree_flatten_with_path(value)
+        for kp, leaf in sub:
+            sp = tuple(_key_name(k) for k in kp)
+            out.append((tuple(str(p) for p in vpath) + sp, var, sp, leaf))
+    return out
+
+
+def _storable(x: Any) -> Any:
+    if _is_prng_key(x):
+        return jax.random.key_data(x)
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        return x
+    if isinstance(x, (bool, int, float)):
+        return np.asarray(x)
+    raise TypeError(f"cannot checkpoint a leaf of type {type(x).__name__}: {x!r}")
+
+
+def _template_leaf(x: Any) -> jax.ShapeDtypeStruct:
+    """Restore template (shape, dtype, sharding) of one target leaf, in its stored form."""
+    sharding = getattr(x, "sharding", None)
+    if _is_prng_key(x):
+        sds = jax.eval_shape(jax.random.key_data, x)
+        return jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding)
+    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    arr = np.asarray(x)
+    return jax.ShapeDtypeStruct(arr.shape, arr.dtype)
+
+
+def _nest(items: Iterable[tuple[Path, Any]]) -> dict:
+    tree: dict = {}
+    for path, value in items:
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _lookup(tree: dict, path: Path) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _leaf_specs(state: nnx.State) -> dict[str, list]:
+    """``{"a/b/c": [shape, dtype]}`` in stored form (for JSON metadata and template checks)."""
+    out = {}
+    for path, _, _, leaf in _flat_leaves(state):
+        t = _template_leaf(leaf)
+        out["/".join(path)] = [list(t.shape), str(jnp.dtype(t.dtype))]
+    return out
+
+
+def _to_plain(state: nnx.State) -> dict:
+    return _nest((path, _storable(leaf)) for path, _, _, leaf in _flat_leaves(state))
+
+
+def _template(state: nnx.State) -> dict:
+    return _nest((path, _template_leaf(leaf)) for path, _, _, leaf in _flat_leaves(state))
+
+
+def _check_specs(group: str, saved: dict[str, list], target: dict[str, list]) -> None:
+    missing = sorted(set(target) - set(saved))
+    unexpected = sorted(set(saved) - set(target))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(saved[k][0])}, target {tuple(target[k][0])}"
+        for k in set(saved) & set(target)
+        if list(saved[k][0]) != list(target[k][0])
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {missing}")
+        if unexpected:
+            parts.append(f"in the checkpoint but not in the target: {unexpected}")
+        if shapes:
+            parts.append(f"shape mismatch: {shapes}")
+        raise ValueError(f"checkpoint group {group!r} does not fit the restore target; " + "; ".join(parts))
+
+
+def _write_back(target: Any, state: nnx.State, restored: dict) -> None:
+    """Writes restored plain arrays into the Variables of ``state`` (taken from ``target``)."""
+    by_var: dict[int, tuple[nnx.Variable, list]] = {}
+    for path, var, sub, leaf in _flat_leaves(state):
+        value = _lookup(restored, path)
+        if _is_prng_key(leaf):
+            impl = []
+            jax.eval_shape(lambda k: impl.append(jax.random.key_impl(k)) or jnp.zeros(()), leaf)
+            value = jax.random.wrap_key_data(value, impl=impl[0])
+        elif isinstance(leaf, (bool, int, float)):
+            value = type(leaf)(np.asarray(value))
+        by_var.setdefault(id(var), (var, []))[1].append(value)
+    for var, leaves in by_var.values():
+        treedef = jax.tree_util.tree_structure(var.get_value())
+        var.set_value(jax.tree_util.tree_unflatten(treedef, leaves))
+    nnx.update(target, state)
+
+
+# -- LoRA layer metadata -------------------------------------------------------------------------------
+def _layer_metadata(model: nnx.Module) -> dict[str, dict]:
+    out = {}
+    for path, layer in lora_layers(model).items():
+        pair = layer.lora.get_value()
+        out[path] = {
+            "kind": layer.spec.kind,
+            "rank": int(pair.a.shape[-1]),
+            "scale": float(pair.scale),
+            "in_shape": list(layer.spec.in_shape),
+            "out_shape": list(layer.spec.out_shape),
+            "dtype": str(jnp.dtype(pair.a.dtype)),
+            "merged": bool(layer.merged),
+        }
+    return out
+
+
+def _check_layers(saved: dict[str, dict], model: nnx.Module) -> None:
+    target = _layer_metadata(model)
+    errors = []
+    for path in sorted(set(saved) & set(target)):
+        s, t = saved[path], target[path]
+        for field in ("rank", "in_shape", "out_shape"):
+            if s[field] != t[field]:
+                errors.append(f"{path}: {field} is {s[field]} in the checkpoint but {t[field]} in the target")
+        if not math.isclose(s["scale"], t["scale"], rel_tol=1e-12, abs_tol=0.0):
+            errors.append(
+                f"{path}: LoRA scale is {s['scale']} in the checkpoint but {t['scale']} in the target "
+                "(build the target with the same alpha / rslora / rank)"
+            )
+        if t["merged"]:
+            errors.append(f"{path}: the target layer is merged; unmerge it before restoring adapters into it")
+    missing = sorted(set(target) - set(saved))
+    unexpected = sorted(set(saved) - set(target))
+    if missing:
+        errors.append(f"LoRA layers of the target not in the checkpoint: {missing}")
+    if unexpected:
+        errors.append(f"LoRA layers in the checkpoint but not in the target: {unexpected}")
+    if errors:
+        raise ValueError("LoRA checkpoint does not fit the target model:\n  " + "\n  ".join(errors))
+
+
+def _config_dict(config: LoraConfig | None) -> dict | None:
+    if config is None:
+        return None
+    d = dataclasses.asdict(config)
+    if not isinstance(d["targets"], str):
+        d["targets"] = list(d["targets"])
+    if d["rank_overrides"] is not None:
+        d["rank_overrides"] = [list(x) for x in d["rank_overrides"]]
+    return d
+
+
+def _abspath(path: str | os.PathLike) -> str:
+    return os.path.abspath(os.fspath(path))
+
+
+def _group_names(state: nnx.State) -> bool:
+    return bool(_flat_leaves(state))
+
+
+# -- adapters only -------------------------------------------------------------------------------------
+def save_adapters(
+    path: str | os.PathLike,
+    model: nnx.Module,
+    *,
+    config: LoraConfig | None = None,
+    extra: dict | None = None,
+    overwrite: bool = True,
+) -> str:
+    """Saves the LoRA state of ``model`` (factors, gates, masks, statistics) with orbax.
+
+    Args:
+      path: checkpoint directory (created; replaced when ``overwrite``).
+      model: a model adapted with :func:`~lorapro_jax.apply_lora`.
+      config: the :class:`LoraConfig` used, stored in the JSON metadata for reference.
+      extra: any JSON-serialisable dict stored alongside (e.g. the base model's name).
+      overwrite: replace an existing checkpoint at ``path``.
+
+    Returns:
+      The absolute checkpoint path.
+
+    Raises:
+      ValueError: ``model`` has no LoRA layers.
+    """
+    layers = _layer_metadata(model)
+    if not layers:
+        raise ValueError("save_adapters: the model has no LoRA layers (apply_lora first).")
+    state = nnx.state(model, ADAPTER_FILTER)
+    meta = {
+        "format": "lorapro_jax.adapters",
+        "version": FORMAT_VERSION,
+        "layers": layers,
+        "config": _config_dict(config),
+        "leaves": _leaf_specs(state),
+        "extra": extra,
+    }
+    json.dumps(meta)  # fail early, before anything is written, on non-serialisable extras
+    path = _abspath(path)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(
+            path,
+            args=ocp.args.Composite(adapters=ocp.args.StandardSave(_to_plain(state)), meta=ocp.args.JsonSave(meta)),
+            force=overwrite,
+        )
+    return path
+
+
+def read_adapter_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of an adapter checkpoint (``layers``: rank/scale/shapes per path, ``config``, ...)."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        return dict(ckptr.restore(_abspath(path), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+
+def restore_adapters(path: str | os.PathLike, model: nnx.Module) -> dict:
+    """Restores LoRA factors, gates, masks and statistics saved by :func:`save_adapters` into ``model``.
+
+    ``model`` (concrete or abstract) must be adapted like the saved one: same LoRA layer paths, ranks,
+    scales and optional masks/statistics. Restored arrays take the target's dtypes and shardings.
+
+    Returns:
+      The checkpoint's JSON metadata.
+
+    Raises:
+      ValueError: the checkpoint does not fit ``model`` (the message names the paths), or a target
+        layer is merged.
+    """
+    path = _abspath(path)
+    meta = read_adapter_metadata(path)
+    if meta.get("format") != "lorapro_jax.adapters":
+        raise ValueError(f"{path} is not a lorapro_jax adapter checkpoint (format {meta.get('format')!r}).")
+    _check_layers(meta["layers"], model)
+    state = nnx.state(model, ADAPTER_FILTER)
+    _check_specs("adapters", meta["leaves"], _leaf_specs(state))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(
+            path, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(_template(state)))
+        )["adapters"]
+    _write_back(model, state, restored)
+    return meta
+
+
+# -- full training state -------------------------------------------------------------------------------
+class RestoredTrainState(NamedTuple):
+    """What :meth:`TrainCheckpointer.restore` returns besides the in-place restored objects.
+
+    Attributes:
+      step: the checkpoint's step number.
+      data_state: the JSON ``data_state`` given to :meth:`TrainCheckpointer.save` (e.g. epoch, index).
+      extra: the JSON ``extra`` given to :meth:`TrainCheckpointer.save`.
+    """
+
+    step: int
+    data_state: Any
+    extra: Any
+
+
+class TrainCheckpointer:
+    """Exactly resumable LoRA training checkpoints on top of ``orbax.checkpoint.CheckpointManager``.
+
+    Each step directory holds the groups ``model`` (the model variables selected by
+    :meth:`model_filter`), ``optimizer`` (``nnx.state(optimizer)``: step and ``opt_state``),
+    optionally ``rngs`` (an extra ``nnx.Rngs``, e.g. for data shuffling) and ``meta`` (JSON: step,
+    ``data_state``, ``extra``, LoRA layer metadata and the stored leaf shapes).
+
+    What is saved from the model: the optimizer's ``wrt`` variables (or ``LoRAParam`` without an
+    optimizer), all LoRA gates/masks/statistics, the model's RNG streams (``nnx.RngState``) and batch
+    statistics (``nnx.BatchStat``), plus ``also_save``. The frozen base weights are NOT saved by
+    default: rebuild the model from the pretrained weights before :meth:`restore`. If the base weights
+    change during training (LoRA-Pro's optional ``W0`` decay, :func:`~lorapro_jax.decay_base_weights`),
+    pass ``also_save=nnx.Param`` to save them too.
+
+    Example::
+
+      ckpt = TrainCheckpointer("/tmp/run", max_to_keep=2, save_interval_steps=100)
+      for step in range(start, n_steps):
+          ...train...
+          ckpt.save(step + 1, model, opt, data_state={"epoch": epoch, "index": i})
+      ckpt.wait_until_finished()
+      # later, in a fresh process:
+      model, opt = build()              # same architecture/config; fresh (or nnx.eval_shape) values
+      info = ckpt.restore(model, opt)   # latest step; info.data_state == {"epoch": .., "index": ..}
+
+    Args:
+      directory: root directory of the step checkpoints (created).
+      max_to_keep: keep only the newest ``max_to_keep`` checkpoints (``None``: keep all).
+      save_interval_steps: :meth:`save` writes at the first call of this checkpointer and then only at
+        steps that are multiples of this (orbax's policy; ``force=True`` overrides).
+      async_save: write in a background thread (call :meth:`wait_until_finished` before reading).
+      also_save: an NNX filter of further model variables to save (e.g. ``nnx.Param`` for all
+        weights, ``"classifier"`` paths via ``nnx.PathContains``).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+        also_save: Any = None,
+    ):
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}.")
+        self.directory = _abspath(directory)
+        self.also_save = also_save
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            save_interval_steps=save_interval_steps,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # -- filters ------------------------------------------------------------------------------------
+    def model_filter(self, optimizer: nnx.Optimizer | None = None) -> Any:
+        """The NNX filter of model variables that are saved (see the class docstring)."""
+        wrt = getattr(optimizer, "wrt", None) if optimizer is not None else LoRAParam
+        filters = [wrt, LoRAParam, LoRAGate, LoRAMask, LoRAStat, nnx.RngState, nnx.BatchStat]
+        if self.also_save is not None:
+            filters.append(self.also_save)
+        return nnx.Any(*filters)
+
+    def _groups(self, model, optimizer, rngs) -> dict[str, tuple[Any, nnx.State]]:
+        groups = {"model": (model, nnx.state(model, self.model_filter(optimizer)))}
+        if optimizer is not None:
+            groups["optimizer"] = (optimizer, nnx.state(optimizer))
+        if rngs is not None:
+            groups["rngs"] = (rngs, nnx.state(rngs))
+        return {k: v for k, v in groups.items() if _group_names(v[1])}
+
+    # -- save / restore -------------------------------------------------------------------------------
+    def save(
+        self,
+        step: int | None,
+        model: nnx.Module,
+        optimizer: nnx.Optimizer | None = None,
+        *,
+        data_state: Any = None,
+        rngs: nnx.Rngs | None = None,
+        extra: Any = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves the training state at ``step`` (if due under ``save_interval_steps``, or ``force``).
+
+        Args:
+          step: the step number (``None``: ``int(optimizer.step)``).
+          model: the (LoRA-adapted) model.
+          optimizer: its ``nnx.Optimizer`` (state, step count and ``wrt`` filter are used).
+          data_state: JSON-serialisable data-iterator position, e.g. ``{"epoch": 1, "index": 17}``.
+          rngs: an extra ``nnx.Rngs`` whose state is saved (e.g. the one that shuffles the data).
+          extra: any JSON-serialisable value stored alongside.
+          force: save even if the step is not due.
+
+        Returns:
+          Whether a checkpoint was started (with ``async_save`` it may still be writing).
+        """
+        if step is None:
+            if optimizer is None:
+                raise ValueError("TrainCheckpointer.save: step=None needs an optimizer to read the step from.")
+            step = int(optimizer.step[...])
+        step = int(step)
+        groups = self._groups(model, optimizer, rngs)
+        meta = {
+            "format": "lorapro_jax.train",
+            "version": FORMAT_VERSION,
+            "step": step,
+            "data_state": data_state,
+            "extra": extra,
+            "layers": _layer_metadata(model),
+            "groups": {name: _leaf_specs(state) for name, (_, state) in groups.items()},
+        }
+        try:
+            json.dumps(meta)
+        except TypeError as e:
+            raise TypeError(f"TrainCheckpointer.save: data_state / extra must be JSON-serialisable ({e}).") from e
+        items = {name: ocp.args.StandardSave(_to_plain(state)) for name, (_, state) in groups.items()}
+        return bool(self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items), force=force))
+
+    def restore(
+        self,
+        model: nnx.Module,
+        optimizer: nnx.Optimizer | None = None,
+        *,
+        step: int | None = None,
+        rngs: nnx.Rngs | None = None,
+    ) -> RestoredTrainState:
+        """Restores a checkpoint in place into ``model`` / ``optimizer`` / ``rngs`` (concrete or abstract).
+
+        The targets are the restore template: their structure, shapes, dtypes and shardings are kept.
+        The groups saved must match the targets given (an optimizer state was saved iff an optimizer is
+        given, etc.).
+
+        Args:
+          model: the model to restore into (same architecture and LoRA config as when saving).
+          optimizer: the optimizer to restore into (same ``tx`` and ``wrt``).
+          step: which step (default: the latest).
+          rngs: the extra ``nnx.Rngs`` given to :meth:`save`.
+
+        Returns:
+          :class:`RestoredTrainState` ``(step, data_state, extra)``.
+
+        Raises:
+          FileNotFoundError: no checkpoint in the directory.
+          ValueError: the checkpoint does not fit the targets (the message names the paths).
+        """
+        self.manager.wait_until_finished()
+        if step is None:
+            step = self.manager.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta.get("format") != "lorapro_jax.train":
+            raise ValueError(f"step {step} in {self.directory} is not a lorapro_jax training checkpoint.")
+        _check_layers(meta["layers"], model)
+        groups = self._groups(model, optimizer, rngs)
+        saved_groups = meta["groups"]
+        if set(saved_groups) != set(groups):
+            raise ValueError(
+                f"checkpoint step {step} holds the groups {sorted(saved_groups)} but the restore targets give "
+                f"{sorted(groups)} (pass the optimizer / rngs iff they were saved)."
+            )
+        for name, (_, state) in groups.items():
+            _check_specs(name, saved_groups[name], _leaf_specs(state))
+        items = {name: ocp.args.StandardRestore(_template(state)) for name, (_, state) in groups.items()}
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        for name, (target, state) in groups.items():
+            _write_back(target, state, restored[name])
+        return RestoredTrainState(step=int(meta["step"]), data_state=meta["data_state"], extra=meta["extra"])
+
+    # -- housekeeping ---------------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def wait_until_finished(self) -> None:
+        """Blocks until every asynchronous save has been written."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+    def __enter__(self) -> "TrainCheckpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
