@@ -1,0 +1,620 @@
+"""Partition rules for LoRA factors, LoRA-Pro optimizer states and device meshes.
+
+A LoRA pair inherits its sharding from the base kernel it adapts (Flax layout, see
+:mod:`lorapro_jax.lora.pairing`). For a kernel ``W0: (*in_shape, *out_shape)`` with
+``PartitionSpec(*in_spec, *out_spec)``:
+
+* ``a: (*in_shape, r)``  gets ``P(*in_spec, None)``   (input axes as the kernel, rank replicated);
+* ``b: (r, *out_shape)`` gets ``P(None, *out_spec)``  (rank replicated, output axes as the kernel);
+* LoRA-Pro's full-form Adam moments ``(*in_shape, *out_shape)`` get ``P(*in_spec, *out_spec)``,
+  i.e. exactly the kernel's sharding;
+* the ``r x r`` matrices of the LoRA-Pro solve (``BᵀB``, ``AAᵀ``, their inverses, ``X``) are
+  replicated: they are produced by contractions over ``n`` or ``m`` (one all-reduce of ``r x r``).
+
+With these specs every full-size (``m x n``) array of the LoRA-Pro full-form update — the equivalent
+gradient ``s (ĝ_a b + a ĝ_b)``, the moments, the Adam direction ``d`` — is an elementwise function of
+arrays sharded like ``W0`` or an outer product ``(n, r) @ (r, m)`` of a row-sharded and a
+column-sharded factor, so it is born with ``W0``'s sharding; it only meets other devices through
+the contractions ``d @ bᵀ`` (``n x r``) and ``aᵀ @ d`` (``r x m``). No device ever holds (or
+gathers) a full ``m x n`` array.
+
+Kernel specs come from, in order: regex ``rules`` over dotted parameter paths (first
+``re.fullmatch`` wins; a rule for ``"...query.kernel"`` also matches the adapted path
+``"...query.base.kernel"``), then NNX sharding metadata (``out_sharding``, formerly
+``sharding_names``, e.g. set by ``nnx.with_partitioning`` or ``kernel_metadata``, resolved with
+the current Flax logical-axis rules), else replication.
+
+Example:
+    >>> mesh = make_mesh(data=2, model=4)                                   # doctest: +SKIP
+    >>> rules = tensor_parallel_rules(column=("query", "key", "value"), row=("out",))
+    >>> specs = lora_partition_specs(model, rules)                          # doctest: +SKIP
+    >>> model = shard_model(model, mesh, specs)                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from .lora.nnx_lora import KernelSpec, LoRAGate, LoRALayer, LoRAMask, LoRAStat, lora_layers
+from .lora.pairing import LoraPair, is_lora_pair
+
+__all__ = [
+    "P",
+    "Rules",
+    "DATA_AXIS",
+    "MODEL_AXIS",
+    "make_mesh",
+    "tensor_parallel_rules",
+    "spec_for_path",
+    "lora_pair_specs",
+    "moment_spec",
+    "lora_partition_specs",
+    "optimizer_state_specs",
+    "named_shardings",
+    "shard_tree",
+    "shard_model",
+    "batch_spec",
+    "has_explicit_axes",
+    "path_str",
+]
+
+P = PartitionSpec
+Rules = Sequence[tuple[str, Any]]
+"""Sharding rules: ``[(regex, spec), ...]``; ``spec`` is a ``PartitionSpec``, a tuple of axis
+names (``None`` for a replicated dimension) or ``None`` (fully replicated)."""
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+
+# -- meshes -------------------------------------------------------------------------------------------
+def make_mesh(
+    data: int | None = None,
+    model: int = 1,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    axis_types: Literal["explicit", "auto"] = "explicit",
+) -> Mesh:
+    """A 2-D ``("data", "model")`` device mesh.
+
+    Args:
+      data: size of the data-parallel axis (batch sharding); default: ``len(devices) // model``.
+      model: size of the model-parallel axis (tensor parallelism over kernel dimensions).
+      devices: devices to use; default ``jax.devices()`` (all devices of all processes).
+      axis_types: ``"explicit"`` (``jax.make_mesh``'s default: shardings are part of array
+        types) or ``"auto"`` (GSPMD propagation inside ``jit``).
+
+    Returns:
+      A ``jax.sharding.Mesh`` with axes ``("data", "model")``.
+
+    Raises:
+      ValueError: ``data * model`` differs from the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if model <= 0 or n % model:
+        raise ValueError(f"make_mesh: model={model} must be a positive divisor of the device count {n}.")
+    if data is None:
+        data = n // model
+    if data * model != n:
+        raise ValueError(f"make_mesh: data * model = {data} * {model} = {data * model}, but there are {n} devices.")
+    if axis_types not in ("explicit", "auto"):
+        raise ValueError(f"make_mesh: axis_types must be 'explicit' or 'auto', got {axis_types!r}.")
+    kind = AxisType.Explicit if axis_types == "explicit" else AxisType.Auto
+    return jax.make_mesh((data, model), (DATA_AXIS, MODEL_AXIS), axis_types=(kind, kind), devices=devices)
+
+
+def has_explicit_axes(mesh: Mesh | jax.sharding.AbstractMesh) -> bool:
+    """Whether any axis of ``mesh`` is ``AxisType.Explicit``."""
+    return any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def batch_spec(ndim: int, axis: str | tuple[str, ...] | None = DATA_AXIS) -> PartitionSpec:
+    """``P(axis, None, ...)``: a batch array of rank ``ndim`` sharded along its leading (batch) axis."""
+    return P(axis, *([None] * (ndim - 1)))
+
+
+def tensor_parallel_rules(
+    column: Sequence[str] = (),
+    row: Sequence[str] = (),
+    *,
+    axis: str = MODEL_AXIS,
+    fsdp_axis: str | None = None,
+) -> list[tuple[str, PartitionSpec]]:
+    """Megatron-style rules for 2-D ``nnx.Linear`` kernels ``(in, out)``.
+
+    Column-parallel layers shard their output features (kernel ``P(fsdp, axis)``, bias
+    ``P(axis)``), row-parallel layers their input features (kernel ``P(axis, fsdp)``, bias
+    replicated). Layer names are regexes for the last part(s) of the dotted module path, e.g.
+    ``column=("query", "key", "value", "intermediate.dense")``, ``row=("attention.output.dense",)``.
+
+    Args:
+      column: module-name patterns of column-parallel layers.
+      row: module-name patterns of row-parallel layers.
+      axis: the tensor-parallel mesh axis.
+      fsdp_axis: optionally shard the other kernel dimension over this axis too (ZeRO-3/FSDP style).
+
+    Returns:
+      A rule list for :func:`lora_partition_specs`.
+    """
+    rules: list[tuple[str, PartitionSpec]] = []
+    for name in column:
+        rules.append((rf"(.*\.)?{name}\.kernel", P(fsdp_axis, axis)))
+        rules.append((rf"(.*\.)?{name}\.bias", P(axis)))
+    for name in row:
+        rules.append((rf"(.*\.)?{name}\.kernel", P(axis, fsdp_axis)))
+        rules.append((rf"(.*\.)?{name}\.bias", P(None)))
+    return rules
+
+
+# -- paths and rules ----------------------------------------------------------------------------------
+def _key_str(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def path_str(keypath: Sequence[Any]) -> str:
+    """Dotted string of a JAX key path, e.g. ``"layers.0.query.lora"`` (as NNX module paths)."""
+    return ".".join(_key_str(k) for k in keypath)
+
+
+def _as_spec(value: Any, where: str) -> PartitionSpec:
+    if value is None:
+        return P()
+    if isinstance(value, PartitionSpec):
+        return value
+    if isinstance(value, (tuple, list)):
+        return P(*value)
+    raise TypeError(f"sharding rule for {where!r}: expected a PartitionSpec, a tuple of axis names or None, got {value!r}.")
+
+
+def _compile_rules(rules: Rules | None) -> list[tuple[re.Pattern, Any, str]]:
+    out = []
+    for item in rules or ():
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(f"sharding rules must be (regex, spec) pairs, got {item!r}.")
+        try:
+            out.append((re.compile(item[0]), item[1], item[0]))
+        except re.error as e:
+            raise ValueError(f"sharding rule regex {item[0]!r} is invalid: {e}.") from e
+    return out
+
+
+def _unadapted(path: str) -> str:
+    """``"x.query.base.kernel"`` -> ``"x.query.kernel"``: the path before ``apply_lora`` wrapped it."""
+    return re.sub(r"(^|\.)base\.(?=[^.]+$)", r"\1", path)
+
+
+def spec_for_path(path: str, rules: Rules | None) -> PartitionSpec | None:
+    """The spec of the first rule whose regex fully matches ``path`` (or its un-adapted form).
+
+    Returns ``None`` when no rule matches.
+    """
+    compiled = rules if (rules and isinstance(rules[0][0], re.Pattern)) else _compile_rules(rules)
+    for cand in dict.fromkeys((path, _unadapted(path))):
+        for pat, spec, raw in compiled:
+            if pat.fullmatch(cand):
+                return _as_spec(spec, raw)
+    return None
+
+
+def _pad(spec: PartitionSpec, ndim: int, where: str) -> tuple:
+    entries = tuple(spec)
+    if len(entries) > ndim:
+        raise ValueError(f"{where}: PartitionSpec {spec} has {len(entries)} entries but the array has rank {ndim}.")
+    used: list[str] = []
+    for e in entries:
+        for name in (e,) if isinstance(e, str) else (e or ()):
+            if name in used:
+                raise ValueError(f"{where}: PartitionSpec {spec} uses mesh axis {name!r} twice.")
+            used.append(name)
+    return entries + (None,) * (ndim - len(entries))
+
+
+# -- LoRA pair specs ----------------------------------------------------------------------------------
+def lora_pair_specs(
+    kernel_spec: PartitionSpec,
+    kernel: KernelSpec | tuple[int, int],
+    *,
+    scale: float = 1.0,
+    path: str = "LoRA pair",
+) -> LoraPair:
+    """Specs of ``a`` and ``b`` from the base kernel's spec.
+
+    Args:
+      kernel_spec: the base kernel's ``PartitionSpec`` in the kernel's own axis order.
+      kernel: the layer's :class:`~lorapro_jax.lora.nnx_lora.KernelSpec` (needed for ``nnx.Einsum``
+        kernels whose axes are not ``(*in, *out)``), or ``(in_ndim, out_ndim)`` for a
+        ``(*in_shape, *out_shape)`` kernel.
+      scale: the pair's static scale, so that the spec tree has the structure of the params tree.
+      path: for error messages.
+
+    Returns:
+      ``LoraPair(a=P(*in_spec, None), b=P(None, *out_spec), scale)`` (rank axis replicated).
+    """
+    if isinstance(kernel, KernelSpec):
+        n_in, n_out = len(kernel.in_shape), len(kernel.out_shape)
+        entries = _pad(kernel_spec, n_in + n_out, f"{path} (base kernel)")
+        if kernel.kind == "einsum":
+            _, k, _, ins, outs = kernel.einsum
+            by_letter = dict(zip(k, entries))
+            in_spec = tuple(by_letter[c] for c in ins)
+            out_spec = tuple(by_letter[c] for c in outs)
+        else:
+            in_spec, out_spec = entries[:n_in], entries[n_in:]
+    else:
+        n_in, n_out = kernel
+        entries = _pad(kernel_spec, n_in + n_out, f"{path} (base kernel)")
+        in_spec, out_spec = entries[:n_in], entries[n_in:]
+    return LoraPair(P(*in_spec, None), P(None, *out_spec), scale)
+
+
+def moment_spec(pair_spec: LoraPair) -> PartitionSpec:
+    """Spec of a full-size ``(*in_shape, *out_shape)`` array of a pair (LoRA-Pro full-form moments).
+
+    It is ``P(*a_spec[:-1], *b_spec[1:])``: the base kernel's spec in ``(*in, *out)`` order.
+    """
+    return P(*tuple(pair_spec.a)[:-1], *tuple(pair_spec.b)[1:])
+
+
+def _var_metadata_spec(var: nnx.Variable) -> PartitionSpec | None:
+    meta = var.get_metadata()
+    if meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding"):
+        if "out_sharding" not in meta:  # older names
+            var = var.replace(out_sharding=meta.get("sharding_names") or meta.get("sharding"))
+        return nnx.spmd.get_var_pspec(var)
+    return None
+
+
+def _value(x: Any) -> Any:
+    return x.get_value() if isinstance(x, nnx.Variable) else x
+
+
+def _shape(x: Any) -> tuple[int, ...] | None:
+    v = _value(x)
+    return tuple(v.shape) if hasattr(v, "shape") else None
+
+
+def lora_partition_specs(
+    model_or_state: nnx.Module | Any,
+    rules: Rules | None = None,
+    *,
+    default: PartitionSpec | None = None,
+    wrt: Any = None,
+) -> Any:
+    """A ``PartitionSpec`` tree for ``nnx.state(model)`` (or for the given state).
+
+    Every array gets a spec: base weights and other parameters from ``rules`` / NNX metadata /
+    ``default``; each :class:`LoRAParam` pair a ``LoraPair(P_a, P_b)`` derived from its base
+    kernel (:func:`lora_pair_specs`); ``LoRAGate`` ``(r,)`` replicated; ``LoRAMask`` like ``a``;
+    ``LoRAStat`` ``(*in_shape,)`` like the kernel's input axes.
+
+    Args:
+      model_or_state: an NNX module (its full ``nnx.state``), or a state/pytree from it, e.g.
+        ``nnx.state(model)``, ``nnx.state(model, LoRAParam)`` or ``nnx.as_pure(...)`` of them
+        (Variables are kept, with their values replaced by specs). For ``nnx.Einsum`` targets pass
+        the model: a state alone does not say how the einsum kernel's axes are ordered.
+      rules: ``[(regex, spec), ...]`` over dotted paths such as ``"encoder.layer.0.attention.self.
+        query.kernel"``; the first full match wins. Rules win over NNX metadata.
+      default: spec of arrays no rule or metadata covers (default: replicated).
+      wrt: optional NNX filter (e.g. ``LoRAParam``): return the specs of ``nnx.state(model, wrt)``
+        only (the params an ``nnx.Optimizer(model, tx, wrt=wrt)`` sees).
+
+    Returns:
+      A pytree with the structure of the state whose array leaves are ``PartitionSpec`` and whose
+      LoRA pairs are ``LoraPair(a=PartitionSpec, b=PartitionSpec)``.
+
+    Raises:
+      ValueError: a spec has more entries than its array's rank or repeats a mesh axis, or a
+        pair's shapes do not fit its base kernel (the message names the path).
+    """
+    compiled = _compile_rules(rules)
+    default = P() if default is None else default
+    layer_specs: dict[str, KernelSpec] = {}
+    if isinstance(model_or_state, nnx.Module):
+        layer_specs = {p: layer.spec for p, layer in lora_layers(model_or_state).items()}
+        state = nnx.state(model_or_state)
+    else:
+        state = model_or_state
+    is_leaf = lambda x: isinstance(x, nnx.Variable) or is_lora_pair(x)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_leaf)
+    by_path = {path_str(kp): leaf for kp, leaf in flat}
+
+    def kernel_spec_of(layer: str) -> tuple[PartitionSpec, tuple[int, ...] | None]:
+        kpath = f"{layer}.base.kernel" if f"{layer}.base.kernel" in by_path or f"{layer}.kernel" not in by_path else f"{layer}.kernel"
+        kernel = by_path.get(kpath)
+        spec = spec_for_path(kpath, compiled)
+        if spec is None and isinstance(kernel, nnx.Variable):
+            spec = _var_metadata_spec(kernel)
+        return (default if spec is None else spec), _shape(kernel) if kernel is not None else None
+
+    pair_cache: dict[str, LoraPair] = {}
+
+    def pair_spec_of(layer: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], scale: float) -> LoraPair:
+        if layer in pair_cache:
+            return pair_cache[layer]
+        kspec, kshape = kernel_spec_of(layer)
+        where = f"LoRA pair {layer}.lora"
+        if layer in layer_specs:
+            ks = layer_specs[layer]
+            if tuple(ks.in_shape) != a_shape[:-1] or tuple(ks.out_shape) != b_shape[1:]:
+                raise ValueError(
+                    f"{where}: a{a_shape}, b{b_shape} do not fit the layer's kernel in_shape {ks.in_shape}, "
+                    f"out_shape {ks.out_shape}."
+                )
+            out = lora_pair_specs(kspec, ks, scale=scale, path=where)
+        else:
+            if kshape is not None and kshape != a_shape[:-1] + b_shape[1:]:
+                raise ValueError(
+                    f"{where}: base kernel shape {kshape} is not (*a.shape[:-1], *b.shape[1:]) = "
+                    f"{a_shape[:-1] + b_shape[1:]}; for nnx.Einsum kernels pass the model, not its state."
+                )
+            out = lora_pair_specs(kspec, (len(a_shape) - 1, len(b_shape) - 1), scale=scale, path=where)
+        pair_cache[layer] = out
+        return out
+
+    # LoRA layers present in the tree (pair paths end in ".lora").
+    pair_shapes = {}
+    for p, leaf in by_path.items():
+        v = _value(leaf)
+        if is_lora_pair(v) and p.endswith(".lora"):
+            pair_shapes[p[: -len(".lora")]] = (tuple(v.a.shape), tuple(v.b.shape), v.scale)
+        elif is_lora_pair(v):
+            raise ValueError(f"LoRA pair at {p!r}: expected its path to end in '.lora' (a LoRALayer's LoRAParam).")
+
+    def spec_of(p: str, leaf: Any) -> Any:
+        v = _value(leaf)
+        parent, _, name = p.rpartition(".")
+        if is_lora_pair(v):
+            return pair_spec_of(parent, tuple(v.a.shape), tuple(v.b.shape), v.scale)
+        if not hasattr(v, "shape"):
+            return None
+        ndim = len(v.shape)
+        if parent in pair_shapes and (
+            isinstance(leaf, (LoRAGate, LoRAMask, LoRAStat)) or name in ("gate", "a_mask", "input_norm")
+        ):
+            ps = pair_spec_of(parent, *pair_shapes[parent])
+            if isinstance(leaf, LoRAGate) or name == "gate":
+                return P(*([None] * ndim))
+            if isinstance(leaf, LoRAMask) or name == "a_mask":
+                return ps.a
+            return P(*tuple(ps.a)[:-1])
+        spec = spec_for_path(p, compiled)
+        if spec is None and isinstance(leaf, nnx.Variable):
+            spec = _var_metadata_spec(leaf)
+        spec = default if spec is None else spec
+        return P(*_pad(spec, ndim, f"parameter {p!r}"))
+
+    leaves = []
+    for kp, leaf in flat:
+        s = spec_of(path_str(kp), leaf)
+        leaves.append(leaf.replace(s) if isinstance(leaf, nnx.Variable) else s)
+    specs = jax.tree_util.tree_unflatten(treedef, leaves)
+    if wrt is not None:
+        if not isinstance(specs, nnx.State):
+            raise TypeError("lora_partition_specs: `wrt` needs a model or an nnx.State with Variables.")
+        specs = nnx.split_state(specs, wrt, ...)[0]
+    return specs
+
+
+# -- optimizer states ---------------------------------------------------------------------------------
+def _is_spec_leaf(x: Any) -> bool:
+    return isinstance(x, PartitionSpec) or is_lora_pair(x) or x is None
+
+
+def optimizer_state_specs(
+    tx_or_init: Any,
+    params: Any,
+    params_specs: Any,
+) -> Any:
+    """``PartitionSpec`` tree for ``tx.init(params)``, found by ``jax.eval_shape`` (no allocation).
+
+    Every part of the optimizer state that mirrors the params tree (Adam's ``mu``/``nu``, LoRA-Pro
+    states, ...) is matched position by position:
+
+    * a ``LoraPair`` in the state (low-rank moments, efficient form) gets the pair's specs;
+    * an array of the pair's kernel shape ``(*in_shape, *out_shape)`` (LoRA-Pro full form ``mu``,
+      ``nu``) gets :func:`moment_spec`, i.e. the base kernel's sharding;
+    * an array shaped like its parameter gets the parameter's spec;
+    * anything else there (e.g. factored or scalar statistics) and every leaf outside such parts
+      (step counts, schedule state) is replicated.
+
+    Args:
+      tx_or_init: an ``optax.GradientTransformation`` or its ``init`` function.
+      params: the parameters (arrays or ``jax.ShapeDtypeStruct``; ``nnx.State`` allowed).
+      params_specs: specs of ``params`` from :func:`lora_partition_specs` (same structure).
+
+    Returns:
+      A pytree with the structure of ``tx.init(params)`` whose leaves are ``PartitionSpec``.
+    """
+    init = getattr(tx_or_init, "init", tx_or_init)
+    abstract = jax.eval_shape(init, params)
+    pdef = jax.tree_util.tree_structure(params, is_leaf=is_lora_pair)
+    p_leaves = jax.tree_util.tree_leaves(params, is_leaf=is_lora_pair)
+    s_leaves = jax.tree_util.tree_leaves(params_specs, is_leaf=_is_spec_leaf)
+    if len(s_leaves) != len(p_leaves):
+        raise ValueError(
+            f"optimizer_state_specs: params_specs has {len(s_leaves)} leaves/pairs but params has {len(p_leaves)}; "
+            "build it with lora_partition_specs(params)."
+        )
+
+    replicated = lambda x: P(*([None] * len(x.shape)))
+
+    def leaf_spec(param, pspec, node):
+        if not (hasattr(node, "shape") or is_lora_pair(node)):  # None, MaskedNode, nested stats
+            return jax.tree.map(replicated, node)
+        if is_lora_pair(param):
+            if is_lora_pair(node):
+                if node.a.shape == param.a.shape and node.b.shape == param.b.shape:
+                    return LoraPair(pspec.a, pspec.b, node.scale)
+                return LoraPair(replicated(node.a), replicated(node.b), node.scale)
+            kshape = tuple(param.a.shape[:-1]) + tuple(param.b.shape[1:])
+            if tuple(node.shape) == kshape:
+                return moment_spec(pspec)
+            return replicated(node)
+        if tuple(node.shape) == tuple(param.shape):
+            return pspec
+        return replicated(node)
+
+    single_leaf = pdef.num_nodes == 1
+
+    def visit(node):
+        subs = None
+        if not single_leaf or hasattr(node, "shape") or is_lora_pair(node):
+            try:
+                subs = pdef.flatten_up_to(node)
+            except (ValueError, TypeError):
+                subs = None
+        if subs is not None:
+            return pdef.unflatten([leaf_spec(p, s, n) for p, s, n in zip(p_leaves, s_leaves, subs)])
+        if hasattr(node, "shape"):
+            return replicated(node)
+        children, sdef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+        if sdef.num_nodes == 1 and not children:
+            return node  # empty node (optax.EmptyState, MaskedNode, ...)
+        return jax.tree_util.tree_unflatten(sdef, [visit(c) for c in children])
+
+    return visit(abstract)
+
+
+# -- placing arrays -----------------------------------------------------------------------------------
+def named_shardings(specs: Any, mesh: Mesh, tree: Any | None = None) -> Any:
+    """``NamedSharding(mesh, spec)`` for every spec; checks divisibility against ``tree`` if given.
+
+    Raises:
+      ValueError: a spec names an axis the mesh lacks, or (with ``tree``) a sharded dimension is
+        not divisible by the product of its mesh axis sizes (the message names the path).
+    """
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+    def check(kp, spec, x):
+        where = path_str(kp)
+        for i, e in enumerate(tuple(spec)):
+            names = (e,) if isinstance(e, str) else tuple(e or ())
+            for name in names:
+                if name not in sizes:
+                    raise ValueError(f"{where}: PartitionSpec {spec} names mesh axis {name!r}; mesh axes are {tuple(sizes)}.")
+            if x is not None and names:
+                k = math.prod(sizes[nm] for nm in names)
+                dim = _value(x).shape[i]
+                if dim % k:
+                    raise ValueError(
+                        f"{where}: dimension {i} of size {dim} is sharded over {names} ({k} devices), which does not divide it."
+                    )
+        return NamedSharding(mesh, spec)
+
+    is_leaf = lambda x: isinstance(x, PartitionSpec)
+    if tree is None:
+        return jax.tree_util.tree_map_with_path(lambda kp, s: check(kp, s, None), specs, is_leaf=is_leaf)
+    return jax.tree_util.tree_map_with_path(check, specs, tree, is_leaf=is_leaf)
+
+
+def shard_tree(tree: Any, mesh: Mesh, specs: Any) -> Any:
+    """``jax.device_put`` of ``tree`` with ``NamedSharding(mesh, spec)`` per leaf (checked, see
+    :func:`named_shardings`). Works for multi-process meshes when every process passes the same
+    global values."""
+    shardings = named_shardings(specs, mesh, tree)
+    return jax.device_put(tree, shardings)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, specs: Any | None = None, rules: Rules | None = None) -> nnx.Module:
+    """Places every variable of ``model`` on ``mesh`` (in place) and returns it.
+
+    Args:
+      model: an NNX module, usually after :func:`~lorapro_jax.lora.nnx_lora.apply_lora`.
+      mesh: the device mesh.
+      specs: specs of ``nnx.state(model)``; default ``lora_partition_specs(model, rules)``.
+      rules: see :func:`lora_partition_specs`.
+    """
+    state = nnx.state(model)
+    if specs is None:
+        specs = lora_partition_specs(model, rules)
+    pure_specs = nnx.as_pure(specs) if isinstance(specs, nnx.State) else specs
+    pure = nnx.as_pure(state)
+    nnx.update(model, shard_tree(pure, mesh, pure_specs))
+    return model
+
+
+# -- optimizers that keep their sharding --------------------------------------------------------------
+def _current_mesh(mesh: Mesh | None) -> Mesh:
+    if mesh is not None:
+        return mesh
+    m = jax.sharding.get_mesh()
+    if m is None or not getattr(m, "axis_names", ()):
+        raise ValueError("no mesh given and none set: pass mesh=... or call inside `with jax.set_mesh(mesh):`.")
+    return m
+
+
+def _is_tracer(tree: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _constrain(tree: Any, shardings: Any) -> Any:
+    if _is_tracer(tree):
+        return jax.lax.with_sharding_constraint(tree, shardings)
+    return jax.device_put(tree, shardings)
+
+
+def shard_optimizer(
+    tx: Any,
+    params_specs: Any,
+    mesh: Mesh | None = None,
+) -> Any:
+    """Wraps an optax transformation so that its state and updates keep their mesh sharding.
+
+    * ``init`` creates the state directly with the specs of :func:`optimizer_state_specs`
+      (eagerly: one ``jit`` with ``out_shardings``, so LoRA-Pro's ``m x n`` moments are never
+      materialised on one device; under a trace: ``with_sharding_constraint``).
+    * ``update`` constrains the new state to the same specs and the updates to ``params_specs``.
+      On a mesh with ``Explicit`` axes the inner update runs under ``jax.sharding.auto_axes`` (its
+      ``r x r`` contractions over sharded ``n`` / ``m`` would otherwise need per-op
+      ``out_sharding`` annotations), while its inputs and outputs keep their explicit types.
+
+    Works with ``nnx.Optimizer(model, shard_optimizer(tx, specs, mesh), wrt=LoRAParam)`` (pass the
+    specs of the ``wrt`` part, e.g. ``lora_partition_specs(model, rules, wrt=LoRAParam)``) and with
+    plain optax loops.
+
+    Args:
+      tx: any ``optax.GradientTransformation`` (e.g. ``lora_pro_adamw(lr, form="full")``).
+      params_specs: specs of the params ``tx`` sees (Variables are unwrapped).
+      mesh: the device mesh; default: the mesh set with ``jax.set_mesh``.
+
+    Returns:
+      An ``optax.GradientTransformation`` with the state of ``tx``.
+    """
+    import optax
+
+    pspecs = nnx.as_pure(params_specs)
+
+    def state_shardings(params):
+        m = _current_mesh(mesh)
+        return m, named_shardings(optimizer_state_specs(tx, params, pspecs), m)
+
+    def init_fn(params):
+        params = nnx.as_pure(params)
+        m, shardings = state_shardings(params)
+        if _is_tracer(params):
+            return jax.lax.with_sharding_constraint(tx.init(params), shardings)
+        with jax.set_mesh(m):
+            return jax.jit(tx.init, out_shardings=shardings)(params)
+
+    def update_fn(updates, state, params=None):
+        params = nnx.as_pure(params)
+        m, sshard = state_shardings(params)
+        ushard = named_shardings(pspecs, m)
+        inner = tx.update
+        if has_explicit_axes(m):
+            inner = jax.sharding.auto_axes(tx.update, out_sharding=(ushard, sshard))
+        new_updates, new_state = inner(updates, state, params)
+        return _constrain(new_updates, ushard), _constrain(new_state, sshard)
+
+    return optax.GradientTransformation(init_fn, update_fn)
