@@ -32,7 +32,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +46,11 @@ from .lora.nnx_lora import LoRAGate, LoRAMask, LoRAParam, LoRAStat, lora_layers
 
 __all__ = [
     "ADAPTER_FILTER",
-    "save_adapters",
-    "restore_adapters",
-    "read_adapter_metadata",
     "RestoredTrainState",
     "TrainCheckpointer",
+    "read_adapter_metadata",
+    "restore_adapters",
+    "save_adapters",
 ]
 
 FORMAT_VERSION = 1
@@ -97,6 +98,18 @@ def _storable(x: Any) -> Any:
     if isinstance(x, (bool, int, float)):
         return np.asarray(x)
     raise TypeError(f"cannot checkpoint a leaf of type {type(x).__name__}: {x!r}")
+
+
+def _key_impl(key: Any) -> Any:
+    """The PRNG implementation of a (possibly abstract) typed key array."""
+    found = []
+
+    def probe(k):
+        found.append(jax.random.key_impl(k))
+        return jnp.zeros(())
+
+    jax.eval_shape(probe, key)
+    return found[0]
 
 
 def _template_leaf(x: Any) -> jax.ShapeDtypeStruct:
@@ -169,9 +182,7 @@ def _write_back(target: Any, state: nnx.State, restored: dict) -> None:
     for path, var, sub, leaf in _flat_leaves(state):
         value = _lookup(restored, path)
         if _is_prng_key(leaf):
-            impl = []
-            jax.eval_shape(lambda k: impl.append(jax.random.key_impl(k)) or jnp.zeros(()), leaf)
-            value = jax.random.wrap_key_data(value, impl=impl[0])
+            value = jax.random.wrap_key_data(value, impl=_key_impl(leaf))
         elif isinstance(leaf, (bool, int, float)):
             value = type(leaf)(np.asarray(value))
         by_var.setdefault(id(var), (var, []))[1].append(value)
@@ -238,7 +249,7 @@ def _abspath(path: str | os.PathLike) -> str:
     return os.path.abspath(os.fspath(path))
 
 
-def _group_names(state: nnx.State) -> bool:
+def _has_leaves(state: nnx.State) -> bool:
     return bool(_flat_leaves(state))
 
 
@@ -412,7 +423,7 @@ class TrainCheckpointer:
             groups["optimizer"] = (optimizer, nnx.state(optimizer))
         if rngs is not None:
             groups["rngs"] = (rngs, nnx.state(rngs))
-        return {k: v for k, v in groups.items() if _group_names(v[1])}
+        return {k: v for k, v in groups.items() if _has_leaves(v[1])}
 
     # -- save / restore -------------------------------------------------------------------------------
     def save(
@@ -527,7 +538,7 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.close()
 
-    def __enter__(self) -> "TrainCheckpointer":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:

@@ -208,7 +208,7 @@ def test_resume_controls_can_fail(tmp_path, straight):
 
 
 def test_restore_into_abstract_model(tmp_path, straight):
-    ref_model, ref_opt, ref_rngs, ref_losses = straight[False]
+    ref_model, ref_opt, _, ref_losses = straight[False]
     model, opt = build(1)
     perturb_rank_state(model)
     rngs = place(nnx.Rngs(noise=7))
@@ -264,9 +264,8 @@ def test_restore_mismatch_errors(tmp_path):
 
 def test_save_rejects_non_json_data_state(tmp_path):
     model, opt = build(1)
-    with TrainCheckpointer(tmp_path / "c") as ckpt:
-        with pytest.raises(TypeError, match="JSON"):
-            ckpt.save(1, model, opt, data_state={"rng": object()})
+    with TrainCheckpointer(tmp_path / "c") as ckpt, pytest.raises(TypeError, match="JSON"):
+        ckpt.save(1, model, opt, data_state={"rng": object()})
 
 
 # -- adapters only ------------------------------------------------------------------------------------
@@ -283,7 +282,7 @@ def test_adapters_round_trip(tmp_path):
 
     fresh, _ = build(5)
     x = jnp.asarray(X[:4])
-    fresh_out = lambda m: np.asarray(nnx.merge(*nnx.split(m))(x))  # noqa: E731
+    fresh_out = lambda m: np.asarray(nnx.merge(*nnx.split(m))(x))
     meta = restore_adapters(tmp_path / "ad", fresh)
     assert meta["config"]["rank"] == 2 and meta["config"]["targets"] == ["query", "value"]
     assert meta["extra"] == {"base": "tiny"}
@@ -360,5 +359,5 @@ def test_restore_keeps_target_sharding(tmp_path):
         """
     )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert "SHARDING-OK" in res.stdout, res.stdout + res.stderr
