@@ -61,6 +61,11 @@ class HFModule(nnx.Module):
         """The ``transformers`` config the model was built from."""
         return self._config_holder.value
 
+    def hf_init_std(self) -> float:
+        """Std of the normal init used for parameters missing from a checkpoint (HF's
+        ``config.initializer_range``)."""
+        return float(getattr(self.config, "initializer_range", 0.02))
+
     def hf_ignore_unexpected_for_instance(self) -> tuple[str, ...]:
         """Instance-level ignore list (e.g. a disabled pooler); defaults to the class list."""
         return tuple(self.hf_ignore_unexpected)

@@ -388,6 +388,31 @@ def _fresh_rng_state(others: list[tuple[tuple[Any, ...], Any]], rngs: nnx.Rngs) 
     return out
 
 
+def _init_missing(
+    model: HFModule,
+    missing: list[tuple[tuple[Any, ...], bool]],
+    flat_abs: dict[tuple[Any, ...], Any],
+    rngs: nnx.Rngs,
+) -> dict[tuple[Any, ...], Any]:
+    """HF ``_init_weights``-style values for parameters absent from the checkpoint: kernels and
+    embeddings ~ N(0, ``model.hf_init_std()``), biases 0, norm scales 1."""
+    out: dict[tuple[Any, ...], Any] = {}
+    if not missing:
+        return out
+    std = model.hf_init_std()
+    stream = "params" if "params" in rngs else "default"
+    for path, _ in missing:
+        var = flat_abs[path]
+        leaf = str(path[-1])
+        if leaf in ("kernel", "embedding"):
+            out[path] = (std * jax.random.normal(rngs[stream](), var.shape, jnp.float32)).astype(var.dtype)
+        elif leaf == "bias":
+            out[path] = jnp.zeros(var.shape, var.dtype)
+        else:  # LayerNorm scale / RMSNorm weight
+            out[path] = jnp.ones(var.shape, var.dtype)
+    return out
+
+
 def load_pretrained(
     model_cls_or_name: type[HFModule] | str | None,
     path: str | os.PathLike,
@@ -408,7 +433,7 @@ def load_pretrained(
     safetensors weights (single file or sharded index), map HF names onto NNX paths (Linear
     weights transposed to ``(in, out)``, cast to ``param_dtype``), check for missing, unexpected
     and mis-shaped keys, and initialise only the parameters that are legitimately missing
-    (e.g. a new classification head).
+    (e.g. a new classification head). No random initialisation of loaded weights ever runs.
 
     Args:
         model_cls_or_name: a model class, a name from :data:`MODEL_REGISTRY` (class name or
@@ -425,7 +450,9 @@ def load_pretrained(
         config_overrides: keyword overrides for ``AutoConfig.from_pretrained`` (e.g.
             ``{"num_labels": 3}``).
         allow_missing: regex(es) (``re.search`` on the HF key) of parameters that may be absent
-            from the checkpoint; they keep their fresh initialisation. Task heads of the class
+            from the checkpoint. They are initialised like HF's ``_init_weights`` (kernels and
+            embeddings ~ N(0, ``model.hf_init_std()``), biases 0, norm scales 1) from the
+            ``params`` (else ``default``) stream of ``rngs``. Task heads of the class
             (``classifier``, ``score``) are always allowed.
         allow_unexpected: regex(es) of checkpoint keys that may be left unused.
         **model_kwargs: forwarded to the model constructor (``pooling=``, ``num_labels=``,
@@ -502,15 +529,18 @@ def load_pretrained(
     model = abstract
     others = list(nnx.to_flat_state(nnx.state(abstract, nnx.Not(nnx.Param))))
     only_rng_state = all(isinstance(v, (nnx.RngKey, nnx.RngCount)) for _, v in others)
-    if not missing and only_rng_state:
-        # Fast path: every parameter comes from the checkpoint, the rest is dropout RNG state.
-        nnx.update(model, nnx.State.from_flat_path(_fresh_rng_state(others, rngs)))
+    if only_rng_state:
+        # Every non-parameter variable is dropout RNG state: fill it directly, and initialise the
+        # (allowed) missing parameters HF-style -- no second trace of the constructor needed.
+        fresh = _fresh_rng_state(others, rngs)
+        fresh.update(_init_missing(abstract, [names[k] for k in missing], flat_abs, rngs))
+        nnx.update(model, nnx.from_flat_state(fresh))
     else:
         def keep(path: tuple[Any, ...], x: Any) -> bool:
             return not (isinstance(x, nnx.Param) and tuple(path) in loaded_paths)
 
-        # Fresh heads and RNG state are created for real inside jit; XLA drops the random init
-        # of the parameters that the checkpoint overwrites.
+        # Unknown extra state: create everything not coming from the checkpoint for real inside
+        # jit (XLA drops the random init of the parameters that the checkpoint overwrites).
         rest = nnx.jit(lambda r: nnx.state(build(r), keep))(rngs)
         nnx.update(model, rest)
     loaded = {}
@@ -518,5 +548,5 @@ def load_pretrained(
         p, transpose = names[key]
         arr = tensors[key].T if transpose else tensors[key]
         loaded[p] = jnp.asarray(arr, dtype=flat_abs[p].dtype)
-    nnx.update(model, nnx.State.from_flat_path(loaded))
+    nnx.update(model, nnx.from_flat_state(loaded))
     return model

@@ -370,6 +370,10 @@ class _T5Base(HFModule):
     base_model_prefix = None
     hf_tied_aliases = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
 
+    def hf_init_std(self) -> float:
+        """T5 has no ``initializer_range``; heads use ``initializer_factor * d_model ** -0.5``."""
+        return float(self.config.initializer_factor * self.config.d_model**-0.5)
+
     def _build_shared(self, config, dtype, param_dtype, rngs):
         self.shared = nnx.Embed(
             config.vocab_size, config.d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
