@@ -4,7 +4,8 @@ Every dense projection is a plain ``flax.nnx.Linear`` and the NNX attribute tree
 Hugging Face module tree, so ``".".join(map(str, path))`` of a Linear equals the HF module name
 (``encoder.layer.0.attention.self.query``, ``model.layers.0.self_attn.q_proj``,
 ``encoder.block.0.layer.0.SelfAttention.q`` ...). :data:`DEFAULT_LORA_TARGETS` are regexes on
-that dotted path (``re.search``), matching PEFT's usual default targets.
+that dotted path (valid for both ``re.fullmatch`` and ``re.search``), matching PEFT's usual
+default targets.
 """
 
 from ._common import ACT_FNS, RMSNorm, attention, get_activation, last_token_pooling, make_dropout, mean_pooling
@@ -38,13 +39,15 @@ from .t5 import (
     shift_right,
 )
 
-#: Default LoRA target regexes (``re.search`` on the dotted NNX path == HF module name), per
-#: ``config.model_type``. BERT: attention query/value; T5: q/v of self- and cross-attention
-#: (PEFT's ``["q", "v"]``); Llama: all attention and MLP projections.
+#: Default LoRA target regexes per ``config.model_type``, on the dotted NNX path (== HF module
+#: name). Anchored at both ends, so ``re.fullmatch`` (PEFT / :class:`lorapro_jax.lora.LoraConfig`
+#: semantics) and ``re.search`` select the same layers, with or without a task-model prefix such
+#: as ``bert.`` or ``model.``. BERT: attention query/value; T5: q/v of self- and cross-attention
+#: (PEFT's ``["q", "v"]``); Llama: all attention and MLP projections (not ``lm_head``).
 DEFAULT_LORA_TARGETS: dict[str, str] = {
-    "bert": r"(^|\.)attention\.self\.(query|value)$",
-    "t5": r"(^|\.)(SelfAttention|EncDecAttention)\.(q|v)$",
-    "llama": r"(^|\.)(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))$",
+    "bert": r"^(?:.*\.)?attention\.self\.(?:query|value)$",
+    "t5": r"^(?:.*\.)?(?:SelfAttention|EncDecAttention)\.(?:q|v)$",
+    "llama": r"^(?:.*\.)?(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:gate_proj|up_proj|down_proj))$",
 }
 
 __all__ = [

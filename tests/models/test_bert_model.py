@@ -102,6 +102,10 @@ def test_minilm_linear_paths_mirror_hf_names(model, raw):
     assert set(exported) == {k for k in raw if k != "embeddings.position_ids"}
     for k, v in exported.items():
         np.testing.assert_array_equal(v, raw[k])
+    # PEFT / LoraConfig use re.fullmatch; the regex must select the same layers either way.
+    assert {n for n in linears if re.fullmatch(DEFAULT_LORA_TARGETS["bert"], n)} == {
+        n for n in linears if re.search(DEFAULT_LORA_TARGETS["bert"], n)
+    }
     targets = sorted(n for n in linears if re.search(DEFAULT_LORA_TARGETS["bert"], n))
     assert targets == sorted(f"encoder.layer.{i}.attention.self.{m}" for i in range(6) for m in ("query", "value"))
 
@@ -120,6 +124,8 @@ def test_minilm_sequence_classification(minilm, raw, batch, reference, pooling):
     assert (model.bert.pooler is None) == (pooling == "mean")
     sd = to_hf_state_dict(model)
     assert "bert.encoder.layer.0.attention.self.query.weight" in sd and "classifier.weight" in sd
+    linears = {".".join(map(str, p)) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Linear)}
+    assert len({n for n in linears if re.fullmatch(DEFAULT_LORA_TARGETS["bert"], n)}) == 12  # with "bert." prefix
     np.testing.assert_array_equal(sd["bert.embeddings.word_embeddings.weight"], raw["embeddings.word_embeddings.weight"])
     assert np.abs(sd["classifier.weight"]).max() > 0  # freshly initialised, not zeros
     logits = np.asarray(_logits(model, *(jnp.asarray(a) for a in batch)))

@@ -67,6 +67,10 @@ def test_llama_paths_targets_and_export(untied):
     model = load_pretrained(LlamaForCausalLM, path)
     linears = {".".join(map(str, p)) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Linear)}
     assert {n + ".weight" for n in linears} == {k for k in sd if not re.search(r"(norm|embed_tokens)", k)}
+    # PEFT / LoraConfig use re.fullmatch; the regex must select the same layers either way.
+    assert {n for n in linears if re.fullmatch(DEFAULT_LORA_TARGETS["llama"], n)} == {
+        n for n in linears if re.search(DEFAULT_LORA_TARGETS["llama"], n)
+    }
     targets = {n for n in linears if re.search(DEFAULT_LORA_TARGETS["llama"], n)}
     assert targets == linears - {"lm_head"} and len(targets) == 7 * cfg.num_hidden_layers
     exported = to_hf_state_dict(model)

@@ -70,6 +70,10 @@ def test_t5_linear_paths_and_lora_targets(tmp_path):
     linears = {".".join(map(str, p)) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Linear)}
     sd = t5_state_dict(cfg, tied=False)
     assert {n + ".weight" for n in linears} == {k for k in sd if not re.search(r"(layer_norm|shared|relative)", k)}
+    # PEFT / LoraConfig use re.fullmatch; the regex must select the same layers either way.
+    assert {n for n in linears if re.fullmatch(DEFAULT_LORA_TARGETS["t5"], n)} == {
+        n for n in linears if re.search(DEFAULT_LORA_TARGETS["t5"], n)
+    }
     targets = {n for n in linears if re.search(DEFAULT_LORA_TARGETS["t5"], n)}
     expected = {f"encoder.block.{i}.layer.0.SelfAttention.{m}" for i in range(2) for m in "qv"}
     expected |= {f"decoder.block.{i}.layer.{j}.{a}.{m}" for i in range(3) for j, a in ((0, "SelfAttention"), (1, "EncDecAttention")) for m in "qv"}
