@@ -8,7 +8,15 @@ that dotted path (valid for both ``re.fullmatch`` and ``re.search``), matching P
 default targets.
 """
 
-from ._common import ACT_FNS, RMSNorm, attention, get_activation, last_token_pooling, make_dropout, mean_pooling
+from ._common import (
+    ACT_FNS,
+    RMSNorm,
+    attention,
+    get_activation,
+    last_token_pooling,
+    make_dropout,
+    mean_pooling,
+)
 from .base import HFModule, StaticConfig
 from .bert import (
     MINILM_INSTALL_HINT,
@@ -18,7 +26,13 @@ from .bert import (
     minilm_path,
     sentence_embedding,
 )
-from .llama import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, apply_rotary, rope_inv_freq
+from .llama import (
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaModel,
+    apply_rotary,
+    rope_inv_freq,
+)
 from .loading import (
     MODEL_REGISTRY,
     CheckpointKeyError,

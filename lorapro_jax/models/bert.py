@@ -25,11 +25,11 @@ from ._common import attention, get_activation, make_dropout, mean_pooling, padd
 from .base import HFModule
 
 __all__ = [
+    "MINILM_INSTALL_HINT",
     "BertEmbeddings",
     "BertForSequenceClassification",
     "BertModel",
     "BertModelOutput",
-    "MINILM_INSTALL_HINT",
     "minilm_path",
     "sentence_embedding",
 ]
@@ -106,7 +106,7 @@ class BertEmbeddings(nnx.Module):
         if pet != "absolute":
             raise NotImplementedError(f"position_embedding_type={pet!r} is not supported (only 'absolute')")
         std = config.initializer_range
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, embedding_init=nnx.initializers.normal(std))
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs, "embedding_init": nnx.initializers.normal(std)}
         self.word_embeddings = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
         self.position_embeddings = nnx.Embed(config.max_position_embeddings, config.hidden_size, **kw)
         self.token_type_embeddings = nnx.Embed(config.type_vocab_size, config.hidden_size, **kw)
@@ -146,7 +146,7 @@ class BertSelfAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         all_head = self.num_heads * self.head_dim
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=config.initializer_range)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs, "std": config.initializer_range}
         self.query = _linear(config.hidden_size, all_head, **kw)
         self.key = _linear(config.hidden_size, all_head, **kw)
         self.value = _linear(config.hidden_size, all_head, **kw)

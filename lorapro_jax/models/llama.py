@@ -115,7 +115,7 @@ class LlamaAttention(nnx.Module):
         self.n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         bias = bool(getattr(config, "attention_bias", False))
         std = config.initializer_range
-        kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=_normal(std))
+        kw = {"use_bias": bias, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs, "kernel_init": _normal(std)}
         h = config.hidden_size
         self.q_proj = nnx.Linear(h, self.n_heads * self.head_dim, **kw)
         self.k_proj = nnx.Linear(h, self.n_kv * self.head_dim, **kw)
@@ -138,8 +138,8 @@ class LlamaMLP(nnx.Module):
 
     def __init__(self, config: Any, *, dtype, param_dtype, rngs):
         bias = bool(getattr(config, "mlp_bias", False))
-        kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                  kernel_init=_normal(config.initializer_range))
+        kw = {"use_bias": bias, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs,
+                  "kernel_init": _normal(config.initializer_range)}
         h, i = config.hidden_size, config.intermediate_size
         self.gate_proj = nnx.Linear(h, i, **kw)
         self.up_proj = nnx.Linear(h, i, **kw)
@@ -270,9 +270,13 @@ class LlamaForCausalLM(HFModule):
         """Untie when a checkpoint marked tied carries a distinct ``lm_head.weight``."""
         emb = tensors.get("model.embed_tokens.weight")
         head = tensors.get("lm_head.weight")
-        if _tie(config) and emb is not None and head is not None:
-            if emb.shape != head.shape or not np.array_equal(emb, head):
-                return {"tie_word_embeddings": False}
+        if (
+            _tie(config)
+            and emb is not None
+            and head is not None
+            and (emb.shape != head.shape or not np.array_equal(emb, head))
+        ):
+            return {"tie_word_embeddings": False}
         return {}
 
     def hf_tied_aliases_for_instance(self) -> dict[str, str]:

@@ -32,8 +32,8 @@ from flax import nnx
 from .base import HFModule
 
 __all__ = [
-    "CheckpointKeyError",
     "MODEL_REGISTRY",
+    "CheckpointKeyError",
     "hf_param_names",
     "load_pretrained",
     "read_safetensors",
@@ -190,7 +190,7 @@ def _read_file(file: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     fallback: list[str] = []
     with safe_open(str(file), framework="numpy") as f:
-        for k in f.keys():
+        for k in f:
             try:
                 out[k] = f.get_tensor(k)
             except TypeError:  # bfloat16 etc. have no numpy dtype
@@ -369,7 +369,7 @@ def _normalise_prefix(
     if model_nests and not ckpt_nests:
         return {(p + k if (p + k) in expected else k): v for k, v in tensors.items()}
     if ckpt_nests and not model_nests:
-        return {(k[len(p):] if k.startswith(p) else k): v for k, v in tensors.items()}
+        return {(k.removeprefix(p)): v for k, v in tensors.items()}
     return tensors
 
 

@@ -12,7 +12,7 @@ mean), pre-norm residual blocks, and -- for tied embeddings -- decoder output sc
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -137,7 +137,7 @@ class T5Attention(nnx.Module):
         self.is_decoder = is_decoder
         self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"use_bias": False, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.q = nnx.Linear(d, h * kv, kernel_init=_normal(f * (d * kv) ** -0.5), **kw)
         self.k = nnx.Linear(d, h * kv, kernel_init=_normal(f * d**-0.5), **kw)
         self.v = nnx.Linear(d, h * kv, kernel_init=_normal(f * d**-0.5), **kw)
@@ -231,7 +231,7 @@ class T5DenseActDense(nnx.Module):
 
     def __init__(self, config: Any, act: str, *, dtype, param_dtype, rngs):
         f, d, ff = config.initializer_factor, config.d_model, config.d_ff
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"use_bias": False, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.wi = nnx.Linear(d, ff, kernel_init=_normal(f * d**-0.5), **kw)
         self.wo = nnx.Linear(ff, d, kernel_init=_normal(f * ff**-0.5), **kw)
         self.dropout = make_dropout(config.dropout_rate, rngs)
@@ -247,7 +247,7 @@ class T5DenseGatedActDense(nnx.Module):
 
     def __init__(self, config: Any, act: str, *, dtype, param_dtype, rngs):
         f, d, ff = config.initializer_factor, config.d_model, config.d_ff
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = {"use_bias": False, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.wi_0 = nnx.Linear(d, ff, kernel_init=_normal(f * d**-0.5), **kw)
         self.wi_1 = nnx.Linear(d, ff, kernel_init=_normal(f * d**-0.5), **kw)
         self.wo = nnx.Linear(ff, d, kernel_init=_normal(f * ff**-0.5), **kw)
@@ -368,7 +368,10 @@ def _tie_flag(config: Any) -> bool:
 class _T5Base(HFModule):
     model_type = "t5"
     base_model_prefix = None
-    hf_tied_aliases = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
+    hf_tied_aliases: ClassVar[dict[str, str]] = {
+        "encoder.embed_tokens.weight": "shared.weight",
+        "decoder.embed_tokens.weight": "shared.weight",
+    }
 
     def hf_init_std(self) -> float:
         """T5 has no ``initializer_range``; heads use ``initializer_factor * d_model ** -0.5``."""

@@ -136,21 +136,21 @@ def t5_state_dict(cfg: T5Config, seed: int = 0, *, tied: bool = True) -> dict[st
 
 
 def tiny_llama_config(*, tied: bool = False, **kw) -> LlamaConfig:
-    base = dict(
-        vocab_size=53,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        rope_theta=1000.0,
-        tie_word_embeddings=tied,
-        pad_token_id=0,
-        num_labels=4,
-        architectures=["LlamaForCausalLM"],
-    )
+    base = {
+        "vocab_size": 53,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000.0,
+        "tie_word_embeddings": tied,
+        "pad_token_id": 0,
+        "num_labels": 4,
+        "architectures": ["LlamaForCausalLM"],
+    }
     base.update(kw)
     return LlamaConfig(**base)
 

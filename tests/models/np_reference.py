@@ -73,7 +73,7 @@ def bert_forward(sd, cfg, input_ids, attention_mask, token_type_ids=None):
     """Return (last_hidden_state, pooler_output or None)."""
     sd = f64(sd)
     ids = np.asarray(input_ids)
-    b, s = ids.shape
+    _, s = ids.shape
     tt = np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids)
     eps = cfg.layer_norm_eps
     h = (
@@ -157,7 +157,7 @@ def t5_ff(sd, prefix, x, cfg):
 def t5_stack(sd, cfg, name, x, mask, n_layers, enc=None, enc_mask=None):
     eps = cfg.layer_norm_epsilon
     is_dec = name == "decoder"
-    b, s, _ = x.shape
+    s = x.shape[1]
     add = np.where(np.asarray(mask)[:, None, None, :] > 0, 0.0, NEG)
     if is_dec:
         add = add + np.where(np.tril(np.ones((s, s))) > 0, 0.0, NEG)[None, None]
@@ -216,7 +216,7 @@ def llama_forward(sd, cfg, input_ids, attention_mask):
     """Return final normed hidden states (B, S, H) of the base model (keys prefixed ``model.``)."""
     sd = f64(sd)
     ids = np.asarray(input_ids)
-    b, s = ids.shape
+    _, s = ids.shape
     h = sd["model.embed_tokens.weight"][ids]
     n, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     pos = np.arange(s, dtype=np.float64)

@@ -7,12 +7,12 @@ import re
 
 import jax
 import jax.numpy as jnp
+import np_reference as R
 import numpy as np
 import pytest
 from flax import nnx
-
-import np_reference as R
 from hf_tiny import bert_state_dict, tiny_bert_config, write_checkpoint
+
 from lorapro_jax.models import (
     DEFAULT_LORA_TARGETS,
     BertForSequenceClassification,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import np_reference as R
 import numpy as np
 import pytest
 from flax import nnx
-
-import np_reference as R
 from hf_tiny import llama_state_dict, tiny_llama_config, write_checkpoint
+
 from lorapro_jax.models import DEFAULT_LORA_TARGETS, LlamaForCausalLM, load_pretrained
 
 lora_cfg = pytest.importorskip("lorapro_jax.lora.config")

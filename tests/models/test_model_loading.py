@@ -8,8 +8,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from hf_tiny import (
+    llama_state_dict,
+    t5_state_dict,
+    tiny_llama_config,
+    tiny_t5_config,
+    write_checkpoint,
+)
 
-from hf_tiny import llama_state_dict, t5_state_dict, tiny_llama_config, tiny_t5_config, write_checkpoint
 from lorapro_jax.models import (
     CheckpointKeyError,
     LlamaForCausalLM,
@@ -87,7 +93,7 @@ def test_unexpected_and_mismatched_keys(tmp_path, llama):
 
 
 def test_base_model_prefix_is_added_and_stripped(tmp_path, llama):
-    cfg, sd, causal_path = llama
+    _, sd, causal_path = llama
     # Task checkpoint -> base model: "model." is stripped, the LM head is unexpected.
     with pytest.raises(CheckpointKeyError, match="lm_head.weight"):
         load_pretrained(LlamaModel, causal_path)

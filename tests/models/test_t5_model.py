@@ -6,12 +6,12 @@ import math
 import re
 
 import jax.numpy as jnp
+import np_reference as R
 import numpy as np
 import pytest
 from flax import nnx
-
-import np_reference as R
 from hf_tiny import t5_state_dict, tiny_t5_config, write_checkpoint
+
 from lorapro_jax.models import (
     DEFAULT_LORA_TARGETS,
     T5EncoderForSequenceClassification,
