@@ -138,8 +138,13 @@ class LlamaMLP(nnx.Module):
 
     def __init__(self, config: Any, *, dtype, param_dtype, rngs):
         bias = bool(getattr(config, "mlp_bias", False))
-        kw = {"use_bias": bias, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs,
-                  "kernel_init": _normal(config.initializer_range)}
+        kw = {
+            "use_bias": bias,
+            "dtype": dtype,
+            "param_dtype": param_dtype,
+            "rngs": rngs,
+            "kernel_init": _normal(config.initializer_range),
+        }
         h, i = config.hidden_size, config.intermediate_size
         self.gate_proj = nnx.Linear(h, i, **kw)
         self.up_proj = nnx.Linear(h, i, **kw)

@@ -190,7 +190,7 @@ def _read_file(file: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     fallback: list[str] = []
     with safe_open(str(file), framework="numpy") as f:
-        for k in f:
+        for k in f.keys():  # noqa: SIM118 - safe_open is not iterable
             try:
                 out[k] = f.get_tensor(k)
             except TypeError:  # bfloat16 etc. have no numpy dtype
