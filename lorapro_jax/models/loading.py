@@ -416,8 +416,8 @@ def _init_missing(
 def load_pretrained(
     model_cls_or_name: type[HFModule] | str | None,
     path: str | os.PathLike,
-    *,
     dtype: Any = jnp.float32,
+    *,
     param_dtype: Any = None,
     rngs: nnx.Rngs | None = None,
     config: Any | None = None,
