@@ -174,7 +174,7 @@ def _as_spec(value: Any, where: str) -> PartitionSpec:
         return value
     if isinstance(value, (tuple, list)):
         return P(*value)
-    raise TypeError(f"sharding rule for {where!r}: expected a PartitionSpec, a tuple of axis names or None, got {value!r}.")
+    raise TypeError(f"sharding rule '{where}': expected a PartitionSpec, a tuple of axis names or None, got {value!r}.")
 
 
 def _compile_rules(rules: Rules | None) -> list[tuple[re.Pattern, Any, str]]:
@@ -545,10 +545,10 @@ def shard_model(model: nnx.Module, mesh: Mesh, specs: Any | None = None, rules: 
 
 
 # -- optimizers that keep their sharding --------------------------------------------------------------
-def _current_mesh(mesh: Mesh | None) -> Mesh:
+def _current_mesh(mesh: Mesh | None, concrete: bool = False) -> Mesh | jax.sharding.AbstractMesh:
     if mesh is not None:
         return mesh
-    m = jax.sharding.get_mesh()
+    m = jax.sharding.get_mesh() if concrete else jax.sharding.get_abstract_mesh()
     if m is None or not getattr(m, "axis_names", ()):
         raise ValueError("no mesh given and none set: pass mesh=... or call inside `with jax.set_mesh(mesh):`.")
     return m
@@ -595,21 +595,22 @@ def shard_optimizer(
 
     pspecs = nnx.as_pure(params_specs)
 
-    def state_shardings(params):
-        m = _current_mesh(mesh)
+    def state_shardings(params, concrete=False):
+        m = _current_mesh(mesh, concrete)
         return m, named_shardings(optimizer_state_specs(tx, params, pspecs), m)
 
     def init_fn(params):
         params = nnx.as_pure(params)
-        m, shardings = state_shardings(params)
         if _is_tracer(params):
+            _, shardings = state_shardings(params)
             return jax.lax.with_sharding_constraint(tx.init(params), shardings)
+        m, shardings = state_shardings(params, concrete=True)
         with jax.set_mesh(m):
             return jax.jit(tx.init, out_shardings=shardings)(params)
 
     def update_fn(updates, state, params=None):
         params = nnx.as_pure(params)
-        m, sshard = state_shardings(params)
+        m, sshard = state_shardings(params, concrete=not _is_tracer((updates, state, params)))
         ushard = named_shardings(pspecs, m)
         inner = tx.update
         if has_explicit_axes(m):

@@ -53,20 +53,31 @@ def initialize(
     )
 
 
-def process_batch_slice(global_batch_size: int, mesh: Mesh | None = None, axis: str = DATA_AXIS) -> slice:
-    """Rows of the global batch this process feeds (its contiguous share along the leading axis).
+def process_batch_slice(
+    global_batch_size: int, mesh: Mesh, spec: PartitionSpec = PartitionSpec(DATA_AXIS)
+) -> slice:
+    """Rows of the global batch this process must feed to :func:`global_batch`.
 
-    With a mesh whose ``axis`` spans the processes in order (as :func:`lorapro_jax.sharding.make_mesh`
-    builds it from ``jax.devices()``), process ``i`` of ``P`` holds rows ``[i B/P, (i+1) B/P)``.
+    Read from the sharding itself (the rows held by this process's devices), so it is right for any
+    device order of ``mesh``.
 
     Raises:
-      ValueError: the batch does not split evenly across processes.
+      ValueError: the rows of this process are not one contiguous block (use a mesh whose
+        ``"data"`` axis runs over processes in order, as :func:`lorapro_jax.sharding.make_mesh`
+        builds it from ``jax.devices()``).
     """
-    p, i = jax.process_count(), jax.process_index()
-    if global_batch_size % p:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by the process count {p}.")
-    k = global_batch_size // p
-    return slice(i * k, (i + 1) * k)
+    sharding = NamedSharding(mesh, spec)
+    index = sharding.addressable_devices_indices_map((global_batch_size,))
+    spans = sorted({(sl[0].start or 0, global_batch_size if sl[0].stop is None else sl[0].stop) for sl in index.values()})
+    lo, hi = spans[0][0], spans[0][1]
+    for a, b in spans[1:]:
+        if a > hi:
+            raise ValueError(
+                f"process {jax.process_index()} holds non-contiguous batch rows {spans} of {global_batch_size}; "
+                "order the mesh's data axis by process."
+            )
+        hi = max(hi, b)
+    return slice(lo, hi)
 
 
 def global_batch(local: Any, mesh: Mesh, spec: PartitionSpec = PartitionSpec(DATA_AXIS)) -> Any:
