@@ -13,6 +13,7 @@ and checked. Runs in seconds on CPU:
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import jax
@@ -30,7 +31,7 @@ TARGETS = r"layers\.[0-3]"
 
 class MLP(nnx.Module):
     def __init__(self, dims=DIMS, *, rngs):
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(dims)])
 
     def __call__(self, x):
         for layer in self.layers[:-1]:
@@ -103,7 +104,7 @@ def main():
     h_lora = train(lora, tx, data, val, steps=args.steps, log_every=log)
 
     ga = MLP(rngs=nnx.Rngs(0))
-    original = {p: np.asarray(l.kernel[...]) for p, l in zip(range(len(ga.layers)), ga.layers)}
+    original = {i: np.asarray(layer.kernel[...]) for i, layer in enumerate(ga.layers)}
     grad_batches = batches_of(data, 8, seed=1)[:8]  # the paper's default: 8 batches
     ga, record = apply_lora_ga(ga, config, mse, grad_batches, rngs=nnx.Rngs(1), direction="ArB2r", scale="stable")
     h_ga = train(ga, tx, data, val, steps=args.steps, log_every=log)
@@ -116,7 +117,7 @@ def main():
     # Export: a rank-2r adapter [B | B0]·[A ; −A0] that moves the ORIGINAL base weights to the trained ones.
     export = lora_ga_export(ga, record)
     plain = MLP(rngs=nnx.Rngs(0))  # original base weights
-    for path, pair in export.items():
+    for path in export:
         i = int(path.split(".")[1])
         assert np.array_equal(np.asarray(plain.layers[i].kernel[...]), original[i])
         plain.layers[i].kernel[...] = plain.layers[i].kernel[...] + lora_ga_delta_kernel(ga.layers[i], record[path])

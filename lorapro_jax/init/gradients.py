@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Callable, Iterable, Literal, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -204,65 +205,74 @@ def _path_filter(state_paths: tuple[tuple, ...]):
 
 @functools.lru_cache(maxsize=64)
 def _compiled_step(graphdef, loss_fn, state_paths, names, mesh, batch_axis, use_shard_map):
-    """The jitted ``(acc, diff, rest, batch) -> (acc + grads, rest)`` of one group, cached by structure so that
-    repeated estimates (and models with the same structure) do not recompile."""
+    """The jitted step of one group, cached by structure so that repeated estimates (and models with the
+    same structure) do not recompile.
+
+    ``(acc, diff, frozen, mutable, batch) -> (acc + grads, mutable')`` where ``diff`` holds the group's
+    kernels, ``frozen`` every other ``nnx.Param`` (never written by a forward pass, so never returned: no
+    second copy of the weights) and ``mutable`` the remaining state (RNG counters, statistics). ``acc`` is
+    donated. Under ``shard_map`` the step returns ``acc`` only.
+    """
     kfilter = _path_filter(state_paths)
 
-    def local_grads(diff, rest, batch):
-        m = nnx.merge(graphdef, diff, rest)
+    def local_grads(diff, frozen, mutable, batch):
+        m = nnx.merge(graphdef, diff, frozen, mutable)
         grads = nnx.grad(lambda mm: loss_fn(mm, batch), argnums=nnx.DiffState(0, kfilter))(m)
         flat = dict(nnx.to_flat_state(grads))
         missing = [n for n, sp in zip(names, state_paths) if sp not in flat]
         if missing:  # trace time
             raise ValueError(f"estimate_full_gradients: no gradient was produced for base kernels {missing}.")
         g = tuple(_acc_cast(flat[sp].get_value()) for sp in state_paths)
-        _, _, new_rest = nnx.split(m, kfilter, ...)
-        return g, new_rest
+        _, _, _, new_mutable = nnx.split(m, kfilter, nnx.Param, ...)
+        return g, new_mutable
 
     if use_shard_map:
-        def sharded(diff, rest, batch):
+        def sharded(diff, frozen, mutable, batch):
             # Mark the replicated kernels as device-varying so that each device differentiates its own
             # shard's loss (otherwise shard_map's transpose would already psum the gradients), then
             # average the per-device gradients explicitly.
             diff = jax.tree.map(lambda x: jax.lax.pcast(x, batch_axis, to="varying"), diff)
-            g, _ = local_grads(diff, rest, batch)
+            g, _ = local_grads(diff, frozen, mutable, batch)
             return jax.lax.pmean(g, batch_axis)
 
-        smap = jax.shard_map(sharded, mesh=mesh, in_specs=(P(), P(), P(batch_axis)), out_specs=P())
+        smap = jax.shard_map(sharded, mesh=mesh, in_specs=(P(), P(), P(), P(batch_axis)), out_specs=P())
 
-        def step(acc, diff, rest, batch):
-            g = smap(diff, rest, batch)
-            return tuple(a + b for a, b in zip(acc, g)), rest
+        def step(acc, diff, frozen, mutable, batch):
+            g = smap(diff, frozen, mutable, batch)
+            return tuple(a + b for a, b in zip(acc, g))
     else:
-        def step(acc, diff, rest, batch):
-            g, new_rest = local_grads(diff, rest, batch)
-            return tuple(a + b for a, b in zip(acc, g)), new_rest
+        def step(acc, diff, frozen, mutable, batch):
+            g, new_mutable = local_grads(diff, frozen, mutable, batch)
+            return tuple(a + b for a, b in zip(acc, g)), new_mutable
 
     return jax.jit(step, donate_argnums=0)
 
 
 def _estimate_group(model, loss_fn, batches, state_paths, names, mesh, batch_axis, data_parallel, on_host):
     state_paths = tuple(state_paths)
-    graphdef, diff, rest = nnx.split(model, _path_filter(state_paths), ...)
+    graphdef, diff, frozen, mutable = nnx.split(model, _path_filter(state_paths), nnx.Param, ...)
     use_shard_map = mesh is not None and data_parallel == "shard_map"
     axis = batch_axis if isinstance(batch_axis, str) else tuple(batch_axis)
     step = _compiled_step(graphdef, loss_fn, state_paths, tuple(names), mesh, axis, use_shard_map)
     if mesh is not None:
         replicated = NamedSharding(mesh, P())
-        diff = jax.device_put(diff, replicated)
-        rest = jax.device_put(rest, replicated)
+        diff, frozen, mutable = jax.device_put((diff, frozen, mutable), replicated)
     flat_diff = dict(nnx.to_flat_state(diff))
     acc = tuple(jnp.zeros_like(_acc_cast(flat_diff[sp].get_value())) for sp in state_paths)
     if mesh is not None:
         acc = jax.device_put(acc, NamedSharding(mesh, P()))
     count = 0
     for batch in batches:
-        acc, rest = step(acc, diff, rest, _place_batch(batch, mesh, batch_axis))
+        batch = _place_batch(batch, mesh, batch_axis)
+        if use_shard_map:
+            acc = step(acc, diff, frozen, mutable, batch)
+        else:
+            acc, mutable = step(acc, diff, frozen, mutable, batch)
         count += 1
     if count == 0:
         raise ValueError("estimate_full_gradients: `batches` is empty; LoRA-GA needs at least one batch.")
     if not use_shard_map:
-        nnx.update(model, rest)
+        nnx.update(model, mutable)
     means = [a / count for a in acc]
     if on_host:
         means = [np.asarray(jax.device_get(a)) for a in means]

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -57,13 +58,13 @@ from .svd import SvdMethod, truncated_svd
 __all__ = [
     "Direction",
     "ScaleMode",
-    "lora_ga_factors",
-    "lora_ga_init",
+    "apply_lora_ga",
     "lora_ga_delta",
     "lora_ga_delta_kernel",
     "lora_ga_export",
+    "lora_ga_factors",
+    "lora_ga_init",
     "lora_ga_original_kernels",
-    "apply_lora_ga",
 ]
 
 Direction = Literal["ArB2r", "ArBr", "A2rBr", "random"]

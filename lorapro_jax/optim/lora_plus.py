@@ -32,7 +32,7 @@ import optax
 
 from ..lora.pairing import LoraPair, is_lora_pair
 
-__all__ = ["NonLoraMode", "scale_by_lora_plus", "lora_plus", "lora_plus_adamw"]
+__all__ = ["NonLoraMode", "lora_plus", "lora_plus_adamw", "scale_by_lora_plus"]
 
 NonLoraMode = Literal["keep", "peft"]
 _NON_LORA = ("keep", "peft")

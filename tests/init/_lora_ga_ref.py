@@ -1,7 +1,6 @@
 """Test helpers for LoRA-GA: a small NNX net with Linear / LinearGeneral / interleaved Einsum layers and an
 independent NumPy forward + backward of the same net (written from the layer equations, no lorapro_jax code)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

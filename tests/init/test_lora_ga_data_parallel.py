@@ -61,7 +61,7 @@ def test_data_parallel_estimate_equals_single_device_on_4_cpu_devices():
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
-        [sys.executable, "-c", _DP_SCRIPT.format(here=here)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _DP_SCRIPT.format(here=here)], env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]

@@ -4,7 +4,6 @@ scales (incl. rsLoRA), the rank-2r export onto the ORIGINAL base weights, and er
 import os
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -114,7 +113,7 @@ def test_first_sgd_step_is_best_rank_2r_approximation_of_minus_gradient(x64, dir
         gp = g[n]["lora"].get_value()
         assert p0.scale == pytest.approx(s, rel=1e-12)
 
-        def dw_over_eta(eta):
+        def dw_over_eta(eta, p0=p0, gp=gp):
             p1 = lp.LoraPair(p0.a - eta * gp.a, p0.b - eta * gp.b, p0.scale)
             return (_flax_delta(p1) - _flax_delta(p0)).T / eta  # paper layout (m, n)
 

@@ -53,7 +53,7 @@ def test_power_iterations_matter_without_a_gap_and_full_is_exact():
 
     assert resid(0) > resid(4) >= best * (1 - 1e-4)
     assert resid(4) < best * 1.05  # near-optimal rank-k residual
-    u, s, vt = truncated_svd(g, k, method="full")
+    _, s, _ = truncated_svd(g, k, method="full")
     np.testing.assert_allclose(np.asarray(s), s_np[:k], rtol=1e-5)
 
 
