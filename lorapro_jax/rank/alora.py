@@ -25,12 +25,19 @@ weights by ablation scores.
 
 The scale stays ``alpha / r_init`` (the baseline LoRA's) for the whole run: it is a static field of
 :class:`~lorapro_jax.LoraPair` and changing it would change the function and recompile.
+
+Gated-off slots never reach the output, but optimizers can move their raw factors (LoRA-Pro's ``X A``
+term mixes rank rows; Adam momentum keeps moving); call
+:func:`~lorapro_jax.rank.masks.zero_masked_factors` after each update to keep them at zero. Optimizer
+moments of a re-enabled slot are not reset (with LoRA-Pro's full form they are full-size moments of the
+equivalent gradient, not per slot).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -172,13 +179,21 @@ class Reallocation(NamedTuple):
     grown: list[tuple[str, int]]
 
 
-def _fresh_a(key: Array, shape: tuple[int, ...], n: int, rank: int, init: str, dtype) -> Array:
+@functools.partial(jax.jit, static_argnames=("init", "rank"))
+def _reallocate_layer(key, a, b, a_mask, on, new, *, init: str, rank: int):
+    """One layer's writes: slots ``on`` active, of which ``new`` re-enabled with fresh ``a`` and ``b = 0``;
+    inactive slots zeroed. Flax layout ``a: (*in, r)``, ``b: (r, *out)``; ``on, new: (r,)`` bool."""
+    n = math.prod(a.shape[:-1])
     if init == "kaiming":
-        bound = 1.0 / np.sqrt(n)
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-    if init == "gaussian":
-        return jax.random.normal(key, shape, dtype) / rank
-    raise ValueError(f"alora_reallocate: init must be 'kaiming' or 'gaussian', got {init!r}.")
+        bound = 1.0 / math.sqrt(n)
+        a0 = jax.random.uniform(key, a.shape, a.dtype, -bound, bound)
+    else:
+        a0 = jax.random.normal(key, a.shape, a.dtype) / rank
+    a = jnp.where(new, a0, jnp.where(on, a, 0)).astype(a.dtype)
+    b = jnp.where(_slot_mask_like(b, on & ~new, axis_last=False), b, 0).astype(b.dtype)
+    if a_mask is not None:
+        a_mask = jnp.where(new, 1, jnp.where(on, a_mask, 0)).astype(a_mask.dtype)
+    return a, b, a_mask
 
 
 def alora_reallocate(
@@ -221,6 +236,8 @@ def alora_reallocate(
     Returns:
       A :class:`Reallocation` with the pruned and the re-enabled ``(path, slot)`` pairs.
     """
+    if init not in ("kaiming", "gaussian"):
+        raise ValueError(f"alora_reallocate: init must be 'kaiming' or 'gaussian', got {init!r}.")
     layers = _layers(model)
     slots = rank_slots(model)
     gates = np.asarray(flat_gates(model))
@@ -288,25 +305,22 @@ def alora_reallocate(
     # 3. write gates, zero pruned factors, re-initialise grown ones
     fresh = np.zeros(gates.shape, bool)
     fresh[grown] = True
-    off = 0
-    for li, (p, layer) in enumerate(layers.items()):
-        r = layer.gate.shape[0]
-        on, new = new_active[off : off + r], fresh[off : off + r]
-        off += r
-        if not (new.any() or (on != active[off - r : off]).any()):
+    offsets = np.cumsum([0] + [layer.gate.shape[0] for layer in layers.values()])
+    for li, layer in enumerate(layers.values()):
+        lo, hi = offsets[li], offsets[li + 1]
+        on, new = new_active[lo:hi], fresh[lo:hi]
+        if not (new.any() or (on != active[lo:hi]).any()):
             continue
         pair = layer.pair
-        on_j, new_j = jnp.asarray(on), jnp.asarray(new)
-        a0 = _fresh_a(
-            jax.random.fold_in(key, li), pair.a.shape, layer.spec.n, init_rank or r, init, pair.a.dtype
+        mask = None if layer.a_mask is None else layer.a_mask[...]
+        a, b, mask = _reallocate_layer(
+            jax.random.fold_in(key, li), pair.a, pair.b, mask, jnp.asarray(on), jnp.asarray(new),
+            init=init, rank=init_rank or int(hi - lo),
         )
-        a = jnp.where(new_j, a0, jnp.where(on_j, pair.a, 0))
-        b = jnp.where(_slot_mask_like(pair.b, on_j & ~new_j, axis_last=False), pair.b, 0)
-        layer.lora.set_value(LoraPair(a.astype(pair.a.dtype), b.astype(pair.b.dtype), pair.scale))
-        layer.gate[...] = on_j.astype(layer.gate[...].dtype)
-        if layer.a_mask is not None:
-            mask = layer.a_mask[...]
-            layer.a_mask[...] = jnp.where(new_j, 1, jnp.where(on_j, mask, 0)).astype(mask.dtype)
+        layer.lora.set_value(LoraPair(a, b, pair.scale))
+        layer.gate[...] = jnp.asarray(on).astype(layer.gate[...].dtype)
+        if mask is not None:
+            layer.a_mask[...] = mask
     return Reallocation([slots[k] for k in pruned], [slots[k] for k in grown])
 
 

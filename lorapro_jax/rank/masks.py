@@ -19,6 +19,7 @@ Parameter-Efficient Fine-Tuning", ICLR 2023, arXiv 2303.10512).
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
@@ -149,14 +150,18 @@ def active_budget(model: nnx.Module) -> int:
     return int(jnp.sum(flat_gates(model) != 0))
 
 
-def _zero_pair_slots(layer: LoRALayer, keep: Array) -> LoraPair:
-    """``layer``'s pair with ``a[..., i]`` and ``b[i]`` zeroed where ``keep[i]`` is False and ``a`` times ``a_mask``."""
-    p = layer.pair
-    a = p.a * _slot_mask_like(p.a, keep, axis_last=True).astype(p.a.dtype)
-    if layer.a_mask is not None:
-        a = a * layer.a_mask[...].astype(a.dtype)
-    b = p.b * _slot_mask_like(p.b, keep, axis_last=False).astype(p.b.dtype)
-    return LoraPair(a, b, p.scale)
+@functools.partial(jax.jit, static_argnames=("mask_slots",))
+def _mask_factors(a, b, a_mask, keep, *, mask_slots: bool):
+    """``a * a_mask`` and the slots where ``keep`` is False zeroed in ``a`` and ``b`` (and, with
+    ``mask_slots``, in ``a_mask``). One compiled call per layer shape instead of one per eager op."""
+    keep_a = _slot_mask_like(a, keep, axis_last=True)
+    a = a * keep_a.astype(a.dtype)
+    if a_mask is not None:
+        if mask_slots:
+            a_mask = a_mask * keep_a.astype(a_mask.dtype)
+        a = a * a_mask.astype(a.dtype)
+    b = b * _slot_mask_like(b, keep, axis_last=False).astype(b.dtype)
+    return a, b, a_mask
 
 
 def zero_masked_factors(model: nnx.Module) -> None:
@@ -172,8 +177,10 @@ def zero_masked_factors(model: nnx.Module) -> None:
     consistent with the model that is actually trained.
     """
     for layer in _layers(model).values():
-        keep = layer.gate[...] != 0
-        layer.lora.set_value(_zero_pair_slots(layer, keep))
+        p = layer.pair
+        mask = None if layer.a_mask is None else layer.a_mask[...]
+        a, b, _ = _mask_factors(p.a, p.b, mask, layer.gate[...] != 0, mask_slots=False)
+        layer.lora.set_value(LoraPair(a, b, p.scale))
 
 
 def set_active_ranks(
@@ -206,13 +213,13 @@ def set_active_ranks(
             )
         on = jnp.arange(r_max) < r
         layer.gate[...] = on.astype(layer.gate[...].dtype)
-        if layer.a_mask is not None:
-            mask = layer.a_mask[...]
-            layer.a_mask[...] = mask * _slot_mask_like(mask, on, axis_last=True).astype(mask.dtype)
-        pair = _zero_pair_slots(layer, on)
-        if config is not None and r > 0:
-            pair = LoraPair(pair.a, pair.b, config.scale_for(r))
-        layer.lora.set_value(pair)
+        p = layer.pair
+        mask = None if layer.a_mask is None else layer.a_mask[...]
+        a, b, mask = _mask_factors(p.a, p.b, mask, on, mask_slots=True)
+        if mask is not None:
+            layer.a_mask[...] = mask
+        scale = config.scale_for(r) if config is not None and r > 0 else p.scale
+        layer.lora.set_value(LoraPair(a, b, scale))
 
 
 # -- schedules ----------------------------------------------------------------------------------------------

@@ -228,21 +228,30 @@ def apply_prilora(
     return ranks
 
 
+def _require_input_norm(layer: LoRALayer) -> Array:
+    if layer.input_norm is None:
+        raise ValueError(
+            f"PRILoRA importance of {layer.path!r} needs the input-norm statistics: build the model with "
+            "LoraConfig(track_input_norm=True) (prilora_config does)."
+        )
+    return layer.input_norm[...]
+
+
+def _importance(a: Array, a_mask: Array | None, norm: Array) -> Array:
+    a = a.astype(jnp.float32)
+    if a_mask is not None:
+        a = a * a_mask.astype(jnp.float32)
+    return jnp.abs(a) * norm.astype(jnp.float32)[..., None]
+
+
 def prilora_importance(layer: LoRALayer) -> Float[Array, "*in r"]:
     """``S = |a * a_mask| · EMA(||x||)[..., None]`` with the shape of ``a`` (Flax layout).
 
     ``S[..., j, i]`` is the paper's ``S_ij = |A_ij| · EMA(||x_j||)`` for rank row ``i`` and input feature
     ``j``. Needs ``LoraConfig(track_input_norm=True)``.
     """
-    if layer.input_norm is None:
-        raise ValueError(
-            f"PRILoRA importance of {layer.path!r} needs the input-norm statistics: build the model with "
-            "LoraConfig(track_input_norm=True) (prilora_config does)."
-        )
-    a = layer.pair.a.astype(jnp.float32)
-    if layer.a_mask is not None:
-        a = a * layer.a_mask[...].astype(jnp.float32)
-    return jnp.abs(a) * layer.input_norm[...].astype(jnp.float32)[..., None]
+    norm = _require_input_norm(layer)
+    return _importance(layer.pair.a, None if layer.a_mask is None else layer.a_mask[...], norm)
 
 
 def _keep_top_per_row(
@@ -254,6 +263,15 @@ def _keep_top_per_row(
     order = jnp.argsort(s, axis=0, stable=True)  # ascending; ties by feature index
     position = jnp.argsort(order, axis=0, stable=True)  # position of each entry in that order
     return (position >= n - keep) & mask
+
+
+@jax.jit
+def _prune_layer(a: Array, a_mask: Array, norm: Array, keep: Array) -> tuple[Array, Array]:
+    """One layer's pruning step on arrays (Flax layout ``a, a_mask: (*in, r)``, ``norm: (*in,)``)."""
+    r = a.shape[-1]
+    scores = _importance(a, a_mask, norm).reshape(-1, r)
+    on = _keep_top_per_row(scores, a_mask.reshape(-1, r) != 0, keep).reshape(a.shape)
+    return a * on.astype(a.dtype), on.astype(a_mask.dtype)
 
 
 def prilora_prune(model: nnx.Module, *, fraction=None, keep=None) -> None:
@@ -281,23 +299,20 @@ def prilora_prune(model: nnx.Module, *, fraction=None, keep=None) -> None:
     for path, layer in layers.items():
         if layer.a_mask is None:
             raise ValueError(f"prilora_prune: LoRA layer {path!r} has no a_mask; build with LoraConfig(a_mask=True).")
-        scores = prilora_importance(layer)
-        norm = layer.input_norm[...]
+        norm = _require_input_norm(layer)
         if not isinstance(norm, jax.core.Tracer) and not bool(jnp.any(norm > 0)):
             raise ValueError(
                 f"prilora_prune: the input-norm EMA of {path!r} is all zero: run training forward passes "
                 "(layer.deterministic False) before pruning."
             )
-        pair = layer.pair
-        n, r = layer.spec.n, pair.rank
+        pair, n = layer.pair, layer.spec.n
         if fraction is not None:
             k = n - jnp.round(jnp.asarray(fraction, jnp.float32) * n).astype(jnp.int32)
         else:
             k = jnp.minimum(jnp.asarray(keep, jnp.int32), n)
-        mask_old = layer.a_mask[...]
-        on = _keep_top_per_row(scores.reshape(n, r), mask_old.reshape(n, r) != 0, k).reshape(mask_old.shape)
-        layer.a_mask[...] = on.astype(mask_old.dtype)
-        layer.lora.set_value(LoraPair(pair.a * on.astype(pair.a.dtype), pair.b, pair.scale))
+        a, mask = _prune_layer(pair.a, layer.a_mask[...], norm, k)
+        layer.a_mask[...] = mask
+        layer.lora.set_value(LoraPair(a, pair.b, pair.scale))
 
 
 def prilora_pruning_schedule(

@@ -49,6 +49,7 @@ def np_forward(model, x, *, a=None, gate=None, a_mask=None):
     return h
 
 
+@nnx.jit(static_argnames="std")
 def randomize_b(model, key, std=0.3):
     """Non-zero B on the active slots (B = 0 at init would hide every bug in A)."""
     for i, layer in enumerate(lora_layers(model).values()):
@@ -58,11 +59,17 @@ def randomize_b(model, key, std=0.3):
         layer.lora.set_value(type(p)(p.a, b, p.scale))
 
 
+@nnx.jit
+def forward(model, x):
+    """The model's forward pass, jitted (one compile per model instead of one per eager op and shape)."""
+    return model(x)
+
+
 @pytest.fixture
 def toy():
     class NS:
         pass
 
     ns = NS()
-    ns.ToyMLP, ns.np_forward, ns.randomize_b = ToyMLP, np_forward, randomize_b
+    ns.ToyMLP, ns.np_forward, ns.randomize_b, ns.forward = ToyMLP, np_forward, randomize_b, forward
     return ns

@@ -85,7 +85,7 @@ def test_static_mode_equals_per_layer_shapes(toy):
         assert lt.pair.scale == ls.pair.scale == pytest.approx(6.0 / r)  # the scale uses the layer's own rank
         lt.lora.set_value(type(lt.pair)(ls.pair.a[:, :r], ls.pair.b[:r], lt.pair.scale))
     x = jax.random.normal(jax.random.key(5), (6, 9))
-    np.testing.assert_allclose(np.asarray(static(x)), np.asarray(shaped(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(toy.forward(static, x)), np.asarray(toy.forward(shaped, x)), rtol=1e-5, atol=1e-6)
 
 
 # -- pruning -----------------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def test_prune_zeroes_lowest_importance_per_row(toy):
         ins = _layer_inputs(m, x)
         for p, h in ins.items():
             norms[p] = DECAY * norms.get(p, 0.0) + (1 - DECAY) * np.sqrt((h**2).sum(0))
-        m(jnp.asarray(x, jnp.float32))
+        toy.forward(m, jnp.asarray(x, jnp.float32))
     masks = {p: np.asarray(l.a_mask[...]) for p, l in lora_layers(m).items()}
     for step, keep in enumerate([6, 3]):  # two cumulative pruning steps
         a_before = {p: np.asarray(l.pair.a, np.float64) for p, l in lora_layers(m).items()}
@@ -148,12 +148,12 @@ def test_prune_zeroes_lowest_importance_per_row(toy):
             masks[p] = ref
     # the forward pass applies the mask: output equals the NumPy forward with the reference-masked A
     x = jnp.asarray(rng.normal(size=(4, 9)), jnp.float32)
-    np.testing.assert_allclose(np.asarray(m(x)), toy.np_forward(m, x, a_mask=masks), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(toy.forward(m, x)), toy.np_forward(m, x, a_mask=masks), rtol=1e-4, atol=1e-5)
 
 
 def test_prune_fraction_and_jit_without_recompiles(toy):
     m = _prilora_model(toy)
-    m(jax.random.normal(jax.random.key(0), (8, 9)))
+    toy.forward(m, jax.random.normal(jax.random.key(0), (8, 9)))
     traces = {"n": 0}
 
     @nnx.jit
@@ -162,7 +162,7 @@ def test_prune_fraction_and_jit_without_recompiles(toy):
         prilora_prune(model, fraction=fraction)
 
     ref = _prilora_model(toy)
-    ref(jax.random.normal(jax.random.key(0), (8, 9)))
+    toy.forward(ref, jax.random.normal(jax.random.key(0), (8, 9)))
     for f in (0.25, 0.5, 0.6):
         prune(m, jnp.float32(f))
         prilora_prune(ref, fraction=f)  # eager
@@ -225,7 +225,7 @@ def test_masked_entries_stay_masked_with_lora_pro(toy):
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.normal(size=(16, 9)), jnp.float32)
     y = jnp.asarray(rng.normal(size=(16, 7)), jnp.float32)
-    m(x)
+    toy.forward(m, x)
     prilora_prune(m, fraction=0.5)
     masks = {p: np.asarray(l.a_mask[...]) for p, l in lora_layers(m).items()}
 
@@ -233,10 +233,10 @@ def test_masked_entries_stay_masked_with_lora_pro(toy):
         return jnp.mean((model(x) - y) ** 2)
 
     # LoRA gradients are zero on masked entries; LoRA-Pro's adjusted gradients are not.
-    grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, LoRAParam))(m)
+    grads = nnx.jit(nnx.grad(loss_fn, argnums=nnx.DiffState(0, LoRAParam)))(m)
     params = nnx.state(m, LoRAParam)
     tx = scale_by_lora_pro()
-    adjusted, _ = tx.update(grads, tx.init(params), params)
+    adjusted, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     leaked = 0.0
     for p, layer in lora_layers(m).items():
         keys = [int(k) if k.isdigit() else k for k in p.split(".")]
@@ -263,11 +263,11 @@ def test_masked_entries_stay_masked_with_lora_pro(toy):
     assert raw_nonzero  # the raw a drifted on masked entries ...
     # ... but the effective A is still masked: the output equals the NumPy forward with A * reference mask
     xt = jnp.asarray(rng.normal(size=(5, 9)), jnp.float32)
-    np.testing.assert_allclose(np.asarray(m(xt)), toy.np_forward(m, xt, a_mask=masks), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(toy.forward(m, xt)), toy.np_forward(m, xt, a_mask=masks), rtol=1e-4, atol=1e-5)
     for p, layer in lora_layers(m).items():
         np.testing.assert_array_equal(np.asarray(layer.a_mask[...]), masks[p])
-    y_before = np.asarray(m(xt))
+    y_before = np.asarray(toy.forward(m, xt))
     zero_masked_factors(m)  # raw = effective again; the function is unchanged
-    np.testing.assert_allclose(np.asarray(m(xt)), y_before, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(toy.forward(m, xt)), y_before, rtol=1e-6, atol=1e-6)
     for p, layer in lora_layers(m).items():
         assert np.all(np.asarray(layer.pair.a)[masks[p] == 0] == 0)
