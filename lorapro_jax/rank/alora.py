@@ -49,7 +49,16 @@ from jaxtyping import Array, Float
 from ..lora.config import LoraConfig
 from ..lora.nnx_lora import apply_lora
 from ..lora.pairing import LoraPair
-from .masks import _layers, _slot_mask_like, flat_gates, is_update_step, rank_slots, set_active_ranks, set_flat_gates
+from .masks import (
+    _layers,
+    _slot_mask_like,
+    _slot_offsets,
+    flat_gates,
+    is_update_step,
+    rank_slots,
+    set_active_ranks,
+    set_flat_gates,
+)
 
 __all__ = [
     "apply_alora",
@@ -85,7 +94,8 @@ def apply_alora(model: nnx.Module, config: LoraConfig, *, max_rank: int, rngs: n
 @functools.partial(jax.jit, static_argnames=("graphdef", "score_fn", "batch_size", "eval_mode"))
 def _scores_jit(state, batch, gate_rows, *, graphdef, score_fn, batch_size, eval_mode):
     def one(row):
-        model = nnx.merge(graphdef, state, copy=True)  # a private copy: gate writes and score_fn side effects are dropped
+        # a private copy: the gate writes and any side effect of score_fn are dropped
+        model = nnx.merge(graphdef, state, copy=True)
         if eval_mode:
             model.eval()
         set_flat_gates(model, row)
@@ -125,7 +135,9 @@ def score_with_gates(
     K = len(rank_slots(model))
     gate_rows = jnp.asarray(gate_rows)
     if gate_rows.ndim != 2 or gate_rows.shape[1] != K:
-        raise ValueError(f"score_with_gates: gate_rows must have shape (k, {K}) (K = all rank slots), got {gate_rows.shape}.")
+        raise ValueError(
+            f"score_with_gates: gate_rows must have shape (k, {K}) (K = all rank slots), got {gate_rows.shape}."
+        )
     return _scores_jit(
         state, batch, gate_rows, graphdef=graphdef, score_fn=score_fn, batch_size=batch_size, eval_mode=eval_mode
     )
@@ -163,11 +175,9 @@ def ablation_importance(
     rows[1 + np.arange(idx.size), idx] = 0.0
     scores = score_with_gates(model, score_fn, batch, rows, batch_size=batch_size, eval_mode=eval_mode)
     flat = jnp.zeros(gates.shape, jnp.float32).at[idx].set(scores[0] - scores[1:])
-    per_layer, off = {}, 0
-    for p, layer in _layers(model).items():
-        r = layer.gate.shape[0]
-        per_layer[p] = flat[off : off + r]
-        off += r
+    layers = _layers(model)
+    offsets = _slot_offsets(layers)
+    per_layer = {p: flat[lo:hi] for p, lo, hi in zip(layers, offsets[:-1], offsets[1:])}
     return AblationImportance(scores[0], flat, active, per_layer)
 
 
@@ -245,7 +255,9 @@ def alora_reallocate(
         importance = importance.flat
     imp = np.asarray(importance, np.float64)
     if imp.shape != gates.shape:
-        raise ValueError(f"alora_reallocate: importance must have shape {gates.shape} (one value per rank slot), got {imp.shape}.")
+        raise ValueError(
+            f"alora_reallocate: importance must have shape {gates.shape} (one value per rank slot), got {imp.shape}."
+        )
     active = gates != 0
     n_active = int(active.sum())
     target = n_active if budget is None else int(budget)
@@ -305,7 +317,7 @@ def alora_reallocate(
     # 3. write gates, zero pruned factors, re-initialise grown ones
     fresh = np.zeros(gates.shape, bool)
     fresh[grown] = True
-    offsets = np.cumsum([0] + [layer.gate.shape[0] for layer in layers.values()])
+    offsets = _slot_offsets(layers)
     for li, layer in enumerate(layers.values()):
         lo, hi = offsets[li], offsets[li + 1]
         on, new = new_active[lo:hi], fresh[lo:hi]

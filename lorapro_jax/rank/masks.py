@@ -118,6 +118,11 @@ def set_a_masks(model: nnx.Module, masks: Mapping[str, ArrayLike]) -> None:
 
 
 # -- the flat view: one vector of all rank slots -----------------------------------------------------------
+def _slot_offsets(layers: Mapping[str, LoRALayer]) -> np.ndarray:
+    """``[0, r_0, r_0 + r_1, ...]``: where each layer's slots start in the flat order (length ``L + 1``)."""
+    return np.cumsum([0] + [layer.gate.shape[0] for layer in layers.values()])
+
+
 def rank_slots(model: nnx.Module) -> list[tuple[str, int]]:
     """``[(path, i), ...]``: the rank slots of all LoRA layers in module order (the order of :func:`flat_gates`)."""
     return [(p, i) for p, layer in _layers(model).items() for i in range(layer.gate.shape[0])]
@@ -131,11 +136,10 @@ def flat_gates(model: nnx.Module) -> Float[Array, "K"]:
 def set_flat_gates(model: nnx.Module, gates: Float[Array, "K"]) -> None:
     """Inverse of :func:`flat_gates` (jit-friendly: static split points, traced values)."""
     layers = _layers(model)
-    sizes = [layer.gate.shape[0] for layer in layers.values()]
-    if tuple(gates.shape) != (sum(sizes),):
-        raise ValueError(f"set_flat_gates: expected shape ({sum(sizes)},) (all rank slots), got {tuple(gates.shape)}.")
-    offsets = np.cumsum([0] + sizes)
-    for (p, layer), lo, hi in zip(layers.items(), offsets[:-1], offsets[1:]):
+    offsets = _slot_offsets(layers)
+    if tuple(gates.shape) != (offsets[-1],):
+        raise ValueError(f"set_flat_gates: expected shape ({offsets[-1]},) (all rank slots), got {tuple(gates.shape)}.")
+    for layer, lo, hi in zip(layers.values(), offsets[:-1], offsets[1:]):
         layer.gate[...] = gates[lo:hi].astype(layer.gate[...].dtype)
 
 

@@ -19,7 +19,6 @@ from lorapro_jax.rank import (
     apply_alora,
     apply_prilora,
     cubic_budget_schedule,
-    flat_gates,
     prilora_prune,
     rank_slots,
     score_with_gates,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,9 @@ DECAY = 0.5
 
 
 # -- rank schedule -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("L,mean,r_min", [(12, 8, None), (4, 8, None), (5, 3, 1), (7, 6, 2), (3, 5, 5), (24, 16, 4), (2, 1, None)])
+@pytest.mark.parametrize(
+    "L,mean,r_min", [(12, 8, None), (4, 8, None), (5, 3, 1), (7, 6, 2), (3, 5, 5), (24, 16, 4), (2, 1, None)]
+)
 def test_rank_schedule_linear_and_exact_mean(L, mean, r_min):
     ranks = prilora_rank_schedule(L, mean, r_min=r_min)
     r0 = r_min if r_min is not None else max(1, mean // 2)
@@ -85,7 +86,8 @@ def test_static_mode_equals_per_layer_shapes(toy):
         assert lt.pair.scale == ls.pair.scale == pytest.approx(6.0 / r)  # the scale uses the layer's own rank
         lt.lora.set_value(type(lt.pair)(ls.pair.a[:, :r], ls.pair.b[:r], lt.pair.scale))
     x = jax.random.normal(jax.random.key(5), (6, 9))
-    np.testing.assert_allclose(np.asarray(toy.forward(static, x)), np.asarray(toy.forward(shaped, x)), rtol=1e-5, atol=1e-6)
+    y_static, y_shaped = np.asarray(toy.forward(static, x)), np.asarray(toy.forward(shaped, x))
+    np.testing.assert_allclose(y_static, y_shaped, rtol=1e-5, atol=1e-6)
 
 
 # -- pruning -----------------------------------------------------------------------------------------------------
@@ -263,7 +265,8 @@ def test_masked_entries_stay_masked_with_lora_pro(toy):
     assert raw_nonzero  # the raw a drifted on masked entries ...
     # ... but the effective A is still masked: the output equals the NumPy forward with A * reference mask
     xt = jnp.asarray(rng.normal(size=(5, 9)), jnp.float32)
-    np.testing.assert_allclose(np.asarray(toy.forward(m, xt)), toy.np_forward(m, xt, a_mask=masks), rtol=1e-4, atol=1e-5)
+    want = toy.np_forward(m, xt, a_mask=masks)
+    np.testing.assert_allclose(np.asarray(toy.forward(m, xt)), want, rtol=1e-4, atol=1e-5)
     for p, layer in lora_layers(m).items():
         np.testing.assert_array_equal(np.asarray(layer.a_mask[...]), masks[p])
     y_before = np.asarray(toy.forward(m, xt))
