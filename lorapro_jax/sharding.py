@@ -267,10 +267,9 @@ def moment_spec(pair_spec: LoraPair) -> PartitionSpec:
 
 
 def _var_metadata_spec(var: nnx.Variable) -> PartitionSpec | None:
-    meta = var.get_metadata()
-    if meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding"):
-        if "out_sharding" not in meta:  # older names
-            var = var.replace(out_sharding=meta.get("sharding_names") or meta.get("sharding"))
+    """The spec from NNX metadata (``out_sharding``; Flax 0.12 stores the deprecated ``sharding_names`` /
+    ``sharding`` there too), resolved with the active Flax logical-axis rules; None without metadata."""
+    if var.get_metadata().get("out_sharding"):
         return nnx.spmd.get_var_pspec(var)
     return None
 
@@ -330,12 +329,13 @@ def lora_partition_specs(
     by_path = {path_str(kp): leaf for kp, leaf in flat}
 
     def kernel_spec_of(layer: str) -> tuple[PartitionSpec, tuple[int, ...] | None]:
-        kpath = f"{layer}.base.kernel" if f"{layer}.base.kernel" in by_path or f"{layer}.kernel" not in by_path else f"{layer}.kernel"
+        """Spec (rules, else metadata, else default) and shape (None if absent) of a layer's base kernel."""
+        kpath = f"{layer}.base.kernel"  # LoRALayer.base; rules for f"{layer}.kernel" match it too
         kernel = by_path.get(kpath)
         spec = spec_for_path(kpath, compiled)
         if spec is None and isinstance(kernel, nnx.Variable):
             spec = _var_metadata_spec(kernel)
-        return (default if spec is None else spec), _shape(kernel) if kernel is not None else None
+        return (default if spec is None else spec), (None if kernel is None else _shape(kernel))
 
     pair_cache: dict[str, LoraPair] = {}
 

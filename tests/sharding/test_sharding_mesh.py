@@ -25,24 +25,44 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 
 import pytest
 
-from _sharding_subproc import cpu_env, run_all
+from _sharding_subproc import ROOT, cpu_env, run_all
 
 TIMEOUT_S = 240  # both workers together; ~25 s on two idle cores
 
 
+def _doc_example() -> str:
+    """The first Python block of docs/multi_device.md (it sets jax_num_cpu_devices=8 itself)."""
+    with open(os.path.join(ROOT, "docs", "multi_device.md")) as f:
+        return f.read().split("```python\n", 1)[1].split("```", 1)[0]
+
+
 @pytest.fixture(scope="module")
 def result() -> dict:
-    runs = run_all([["tests/sharding/_mesh_worker.py", "transformer"], ["tests/sharding/_mesh_worker.py", "optimizer"]],
-                   cpu_env(8), TIMEOUT_S)
-    out = {}
-    for code, log in runs:
-        assert code == 0, f"worker failed (exit {code}, -9 = killed after {TIMEOUT_S} s):\n{log[-4000:]}"
-        line = [ln for ln in log.splitlines() if ln.startswith("RESULT")]
-        assert line, log[-4000:]
-        out.update(json.loads(line[-1][len("RESULT"):]))
+    with tempfile.TemporaryDirectory() as tmp:
+        example = os.path.join(tmp, "doc_example.py")
+        with open(example, "w") as f:
+            f.write(_doc_example())
+        report = os.path.join(tmp, "experiment.json")
+        runs = run_all(
+            [["tests/sharding/_mesh_worker.py", "transformer"], ["tests/sharding/_mesh_worker.py", "optimizer"],
+             [example], ["experiments/sharded_train.py", "--cpu-devices", "8", "--data", "2", "--model", "4",
+                         "--steps", "2", "--json", report]],
+            cpu_env(8), TIMEOUT_S)
+        out = {}
+        for code, log in runs:
+            assert code == 0, f"subprocess failed (exit {code}, -9 = killed after {TIMEOUT_S} s):\n{log[-4000:]}"
+        for code, log in runs[:2]:
+            line = [ln for ln in log.splitlines() if ln.startswith("RESULT")]
+            assert line, log[-4000:]
+            out.update(json.loads(line[-1][len("RESULT"):]))
+        out["doc_example_output"] = runs[2][1].strip().splitlines()[-1]
+        with open(report) as f:
+            out["experiment"] = json.load(f)
     return out
 
 
@@ -61,6 +81,15 @@ def expected(layer: str, fsdp: str | None) -> dict:
 
 def test_eight_devices(result):
     assert result["devices"] == 8
+
+
+def test_doc_example_and_experiment_run_on_8_devices(result):
+    printed = result["doc_example_output"]  # "<loss> P(None, 'model') (64, 64)"
+    assert float(printed.split()[0]) > 0
+    assert "P(None, 'model')" in printed and printed.endswith("(64, 64)")
+    exp = result["experiment"]
+    assert exp["mesh"] == {"data": 2, "model": 4} and len(exp["losses"]) == 2
+    assert exp["moment_bytes_per_device"] * 4 == exp["moment_bytes_global"]  # moments split 4 ways over "model"
 
 
 @pytest.mark.parametrize("run", ["explicit_tp", "auto_fsdp_tp"])

@@ -200,3 +200,18 @@ def test_shard_model_places_variables():
     model = sh.shard_model(adapted(), mesh, rules=RULES)
     assert model.g.base.kernel[...].sharding.spec == P("data", None, "model", None)
     assert model.g.lora.get_value().b.sharding.spec == P(None, "model", None)
+
+
+def test_logical_axis_names_resolve_with_flax_rules():
+    import flax.linen as nn
+
+    logical = (("embed", None), ("mlp", "model"))
+    with jax.set_mesh(sh.make_mesh(1, 1)), nn.logical_axis_rules(logical):
+        m = nnx.Module()
+        m.fc = nnx.Linear(8, 12, rngs=nnx.Rngs(0), kernel_metadata={"out_sharding": ("embed", "mlp")})
+        lp.apply_lora(m, lp.LoraConfig(rank=2, targets=["fc"]), rngs=nnx.Rngs(1))
+        specs = nnx.as_pure(sh.lora_partition_specs(m))
+    assert specs["fc"]["lora"] == lp.LoraPair(P(None, None), P(None, "model"), 8.0)
+    unresolved = nnx.as_pure(sh.lora_partition_specs(m))  # outside the rules: logical names stay
+    with pytest.raises(ValueError, match=r"fc\.base\.kernel.*names mesh axis 'embed'"):
+        sh.named_shardings(unresolved, sh.make_mesh(1, 1))
