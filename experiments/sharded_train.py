@@ -117,7 +117,11 @@ def build_model(arch: str, rank: int, seed: int = 0, param_dtype: Any = jnp.floa
     elif arch in ("bert", "minilm"):
         from transformers import BertConfig
 
-        from lorapro_jax.models import BertForSequenceClassification, load_pretrained, minilm_path
+        from lorapro_jax.models import (
+            BertForSequenceClassification,
+            load_pretrained,
+            minilm_path,
+        )
 
         if arch == "bert":
             cfg = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -35,14 +35,20 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Literal, Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from .lora.nnx_lora import KernelSpec, LoRAGate, LoRALayer, LoRAMask, LoRAStat, lora_layers
+from .lora.nnx_lora import (
+    KernelSpec,
+    LoRAGate,
+    LoRAMask,
+    LoRAStat,
+    lora_layers,
+)
 from .lora.pairing import LoraPair, is_lora_pair
 
 __all__ = [

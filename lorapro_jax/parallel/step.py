@@ -14,7 +14,8 @@ step with global arrays, e.g. built by :func:`lorapro_jax.parallel.distributed.g
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import optax

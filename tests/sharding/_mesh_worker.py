@@ -19,10 +19,14 @@ from flax import nnx
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-import lorapro_jax as lp  # noqa: E402
-from lorapro_jax import sharding as sh  # noqa: E402
-from lorapro_jax.parallel import make_train_step, shard_for_training  # noqa: E402
-from experiments.sharded_train import TinyTransformer, classification_loss, synthetic_batches  # noqa: E402
+import lorapro_jax as lp
+from experiments.sharded_train import (
+    TinyTransformer,
+    classification_loss,
+    synthetic_batches,
+)
+from lorapro_jax import sharding as sh
+from lorapro_jax.parallel import make_train_step, shard_for_training
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")

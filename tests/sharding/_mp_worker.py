@@ -32,16 +32,24 @@ if MODE == "worker":
         initialization_timeout=60,
     )
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import numpy as np
+import optax
+from flax import nnx
 
-import lorapro_jax as lp  # noqa: E402
-from lorapro_jax import sharding as sh  # noqa: E402
-from lorapro_jax.parallel import global_batch, make_train_step, process_batch_slice, shard_for_training  # noqa: E402
-from experiments.sharded_train import TinyTransformer, classification_loss, synthetic_batches  # noqa: E402
+import lorapro_jax as lp
+from experiments.sharded_train import (
+    TinyTransformer,
+    classification_loss,
+    synthetic_batches,
+)
+from lorapro_jax import sharding as sh
+from lorapro_jax.parallel import (
+    global_batch,
+    make_train_step,
+    process_batch_slice,
+    shard_for_training,
+)
 
 D, FF, HEADS, SEQ, VOCAB, CLASSES, BATCH, RANK = 16, 32, 2, 8, 64, 4, 8, 2
 RULES = sh.tensor_parallel_rules(column=("query", "key", "value", "fc1"), row=("out", "fc2"))

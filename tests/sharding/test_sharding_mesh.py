@@ -29,7 +29,6 @@ import os
 import tempfile
 
 import pytest
-
 from _sharding_subproc import ROOT, cpu_env, run_all
 
 TIMEOUT_S = 240  # both workers together; ~25 s on two idle cores

@@ -18,7 +18,6 @@ import tempfile
 
 import numpy as np
 import pytest
-
 from _sharding_subproc import cpu_env, free_port, run_all
 
 TIMEOUT_S = 120  # whole group; ~25 s of CPU per process
