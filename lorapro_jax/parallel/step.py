@@ -117,7 +117,9 @@ def make_train_step(
         over sharded features) cannot be traced with explicit types.
 
     Returns:
-      The jitted step; the returned state has exactly the shardings of ``state_specs``.
+      The step (it enters ``jax.set_mesh(mesh)`` and calls the jitted function); the returned state
+      has exactly the shardings of ``state_specs``. ``step.jitted`` is the ``jax.jit`` object, e.g.
+      for ``step.jitted.lower(state, batch).compile().as_text()`` (inside ``jax.set_mesh(mesh)``).
     """
     shard = lambda specs: named_shardings(specs, mesh)
     state_sh = TrainState(*(shard(s) for s in state_specs))
@@ -152,5 +154,5 @@ def make_train_step(
         with jax.set_mesh(mesh):
             return jitted(state, batch)
 
-    step.jitted = jitted  # for .lower(...).compile() inspection
+    step.jitted = jitted
     return step
