@@ -8,6 +8,7 @@ from .lora import (
     LoRAGate,
     LoRALayer,
     LoRAMask,
+    LoraOptimizer,
     LoraPair,
     LoRAParam,
     LoRAStat,

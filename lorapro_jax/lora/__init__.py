@@ -19,3 +19,4 @@ from .nnx_lora import (
 )
 from .pairing import LoraPair, is_lora_pair, lora_scale, pair_matrices
 from .linen_lora import apply_linen_lora, init_linen_lora, linen_targets, merge_linen_lora
+from .optimizer import LoraOptimizer
