@@ -1,15 +1,27 @@
-"""The README's example runs as written."""
+"""The README's examples run as written."""
 
 import pathlib
 import re
 
+import pytest
 
-def test_readme_example_runs(capsys):
-    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"<!-- example:e2e -->\s*```python\n(.*?)```", text, re.S)
-    assert block, "README lost its e2e example"
+README = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def _block(name: str) -> str:
+    m = re.search(rf"<!-- example:{name} -->\s*```python\n(.*?)```", README, re.S)
+    assert m, f"README lost its {name} example"
+    return m.group(1)
+
+
+def test_readme_e2e_example_runs(capsys):
     ns: dict = {"__name__": "readme_example"}
-    exec(compile(block.group(1), "README.md", "exec"), ns)
+    exec(compile(_block("e2e"), "README.md", "exec"), ns)
     out = capsys.readouterr().out
     loss = float(re.search(r"final loss ([0-9.]+)", out).group(1))
     assert loss < 0.2, out
+
+
+@pytest.mark.parametrize("name", ["lora-ga", "rank"])
+def test_readme_feature_examples_run(name):
+    exec(compile(_block(name), "README.md", "exec"), {"__name__": f"readme_{name}"})
