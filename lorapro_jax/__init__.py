@@ -46,3 +46,27 @@ from .optim import (
     scale_by_lora_pro_lean,
     solve_sylvester_psd,
 )
+from .optim import lora_plus, lora_plus_adamw, scale_by_lora_plus
+from .init import apply_lora_ga, estimate_full_gradients, lora_ga_export, lora_ga_init
+from .rank import (
+    ablation_importance,
+    active_ranks,
+    alora_step,
+    apply_alora,
+    apply_prilora,
+    prilora_prune,
+    prilora_rank_schedule,
+)
+from .sharding import lora_partition_specs, optimizer_state_specs, shard_optimizer, tensor_parallel_rules
+
+import importlib as _importlib
+
+# Subpackages with heavier optional dependencies (transformers, datasets, orbax) load on first use:
+# ``lorapro_jax.models``, ``.data``, ``.checkpoint``, ``.export``, ``.parallel``.
+_LAZY = ("models", "data", "checkpoint", "export", "parallel")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
