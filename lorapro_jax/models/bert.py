@@ -169,11 +169,17 @@ class BertSelfAttention(nnx.Module):
 
 
 class BertSelfOutput(nnx.Module):
-    """Attention output projection ``dense`` + dropout + residual ``LayerNorm``."""
+    """Attention output projection ``dense`` + dropout + residual ``LayerNorm``.
 
-    def __init__(self, config: Any, *, dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs):
+    ``in_features`` defaults to ``hidden_size``; :class:`BertOutput` reuses this block with the
+    feed-forward width.
+    """
+
+    def __init__(
+        self, config: Any, *, dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs, in_features: int | None = None
+    ):
         self.dense = _linear(
-            config.hidden_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            in_features or config.hidden_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             std=config.initializer_range,
         )
         self.LayerNorm = _layer_norm(
@@ -213,22 +219,13 @@ class BertIntermediate(nnx.Module):
         return get_activation(self.act_name)(self.dense(hidden))
 
 
-class BertOutput(nnx.Module):
-    """Feed-forward down projection ``dense`` + dropout + residual ``LayerNorm``."""
+class BertOutput(BertSelfOutput):
+    """Feed-forward down projection ``dense`` (intermediate -> hidden) + dropout + residual ``LayerNorm``."""
 
     def __init__(self, config: Any, *, dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs):
-        self.dense = _linear(
-            config.intermediate_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-            std=config.initializer_range,
+        super().__init__(
+            config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, in_features=config.intermediate_size
         )
-        self.LayerNorm = _layer_norm(
-            config.hidden_size, config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
-        self.dropout = make_dropout(config.hidden_dropout_prob, rngs)
-
-    def __call__(self, hidden: Array, residual: Array, *, deterministic: bool | None = None) -> Array:
-        h = self.dropout(self.dense(hidden), deterministic=deterministic)
-        return self.LayerNorm(h + residual)
 
 
 class BertLayer(nnx.Module):
