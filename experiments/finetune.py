@@ -53,7 +53,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -86,7 +85,6 @@ from . import report
 __all__ = [
     "DEFAULT_METHODS",
     "METHODS",
-    "LoraOptimizer",
     "TaskSpec",
     "build_parser",
     "main",
@@ -103,40 +101,6 @@ DEFAULT_METHODS: tuple[str, ...] = ("lora", "lora-pro", "full")
 #: Learning rate used when ``--lr`` is not given (``--full-lr`` for full fine-tuning).
 DEFAULT_LR = 1e-3
 DEFAULT_FULL_LR = 1e-4
-
-LORA_METHODS = tuple(m for m in METHODS if m != "full")
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimizer
-# ----------------------------------------------------------------------------------------------
-
-
-class LoraOptimizer(nnx.Optimizer):
-    """``nnx.Optimizer`` whose state may hold :class:`~lorapro_jax.LoraPair` values.
-
-    ``optax.adamw`` (and LoRA-Pro's ``efficient`` / ``lean`` forms) keep moments shaped like the
-    parameters, so for a :class:`~lorapro_jax.LoRAParam` the state variable holds a ``LoraPair``.
-    flax 0.12's ``nnx.Optimizer.update`` writes the new state back through
-    ``nnx.update(opt_state, nnx.state(new_opt_state))``, and ``nnx.state`` turns every ``LoraPair``
-    into a plain ``State({"a": ..., "b": ...})`` (dropping the pair type and its static ``scale``),
-    so the *second* jitted step fails with a pytree-structure error. This subclass writes the new
-    state back leaf-variable by leaf-variable, keeping the pair type; everything else is
-    ``nnx.Optimizer``'s (same constructor, ``wrt``, ``step``, checkpoint layout).
-    """
-
-    def update(self, model, grads, /, **kwargs):  # noqa: D102 - same contract as nnx.Optimizer.update
-        params = nnx.as_pure(nnx.state(model, self.wrt))
-        grad_arrays = nnx.as_pure(nnx.state(grads, self.wrt))
-        updates, new_state = self.tx.update(grad_arrays, nnx.as_pure(self.opt_state), params, **nnx.as_pure(kwargs))
-        nnx.update(model, optax.apply_updates(params, updates))
-
-        def put(var, value):
-            var.set_value(value)
-
-        jax.tree.map(put, self.opt_state, new_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        self.step[...] += 1
-        return updates
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,8 +533,7 @@ def fresh_copy(base: nnx.Module, arch: str, seed: int) -> nnx.Module:
 def _default_targets(model_type: str) -> str:
     from lorapro_jax.models import DEFAULT_LORA_TARGETS
 
-    # DEFAULT_LORA_TARGETS are re.search patterns; LoraConfig.targets is a full match.
-    return f".*(?:{DEFAULT_LORA_TARGETS[model_type]}).*"
+    return DEFAULT_LORA_TARGETS[model_type]  # valid as a full match (LoraConfig.targets)
 
 
 def _targets(args: argparse.Namespace, model_type: str) -> str | list[str]:
@@ -893,15 +856,6 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _optional(module: str, name: str) -> Callable | None:
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
-
-
 def run(
     args: argparse.Namespace,
     task: TaskData,
@@ -934,7 +888,7 @@ def run(
         sched = lr_schedule(args, peak, total)
         tx_cache[method] = (sched, make_tx(args, method, sched))
     sched, tx = tx_cache[method]
-    opt = LoraOptimizer(model, tx, wrt=mstate.wrt)
+    opt = lp.LoraOptimizer(model, tx, wrt=mstate.wrt)  # keeps LoraPair-valued Adam moments
 
     ckpt = None
     start_epoch, start_batch, step = 0, 0, 0
@@ -1037,7 +991,7 @@ def run(
         ckpt.wait_until_finished()
         ckpt.close()
 
-    exports = _export(args, model, method, name, mstate, model_type)
+    exports = _export(args, model, method, name, mstate, model_type, spec.arch)
     last_epoch = max(epoch_losses) if epoch_losses else None
     summary = {
         "run": name,
@@ -1068,25 +1022,52 @@ def run(
     return summary
 
 
-def _export(args, model, method, name, mstate: MethodState, model_type: str) -> dict[str, str]:
+def _lora_ga_peft_model(model: nnx.Module, record: dict) -> nnx.Module:
+    """A copy of a LoRA-GA model expressed against the ORIGINAL base weights, for PEFT export.
+
+    LoRA-GA replaced ``W0`` by ``W0' = W0 - s B0 A0``; each layer of the copy gets its original
+    kernel back and the rank-``2r`` adapter ``s [B | B0] [A ; -A0]`` (``lora_ga_export``), so
+    ``W0 + ΔW`` equals the trained ``W0' + s B A``.
+    """
+    from lorapro_jax.init import lora_ga_export, lora_ga_original_kernels
+
+    out = nnx.clone(model)
+    pairs = lora_ga_export(out, record)
+    kernels = lora_ga_original_kernels(out, record)
+    for path, layer in lp.lora_layers(out).items():
+        if path not in pairs:
+            continue
+        pair = pairs[path]
+        k = layer.base.kernel[...]
+        layer.base.kernel[...] = kernels[path].astype(k.dtype)
+        layer.lora = lp.LoRAParam(pair)
+        layer.gate = lp.LoRAGate(jnp.ones((pair.rank,), layer.gate[...].dtype))
+        layer.a_mask = None
+    return out
+
+
+def _export(args, model, method, name, mstate: MethodState, model_type: str, arch: str) -> dict[str, str]:
     out: dict[str, str] = {}
     if method == "full":
         if args.save_adapters or args.export_peft:
             print(f"[{name}] full fine-tuning has no adapters: --save-adapters / --export-peft skipped", file=sys.stderr)
         return out
     if args.save_adapters:
-        save_adapters = _optional("lorapro_jax.checkpoint", "save_adapters")
-        if save_adapters is None:
-            raise SystemExit("--save-adapters needs lorapro_jax.checkpoint.save_adapters, which is not available")
-        out["adapters"] = save_adapters(Path(args.save_adapters) / name, model, extra={"method": method, "run": name})
+        ck = _require("lorapro_jax.checkpoint", ["save_adapters"], "--save-adapters")
+        extra = {"method": method, "run": name, "base_model": str(_model_dir(args))}
+        if method == "lora-ga":
+            extra["note"] = "LoRA-GA adapters apply to the LoRA-GA-modified base weights; use --export-peft for a standalone adapter"
+        out["adapters"] = ck.save_adapters(Path(args.save_adapters) / name, model, extra=extra)
     if args.export_peft:
-        save_peft = _optional("lorapro_jax.export", "save_peft_adapter")
-        if save_peft is None:
-            raise SystemExit("--export-peft needs lorapro_jax.export.save_peft_adapter, which is not available yet")
-        kwargs = {}
-        if mstate.lora_ga_record is not None:
-            kwargs["lora_ga_record"] = mstate.lora_ga_record
-        out["peft"] = str(save_peft(Path(args.export_peft) / name, model, **kwargs))
+        ex = _require("lorapro_jax.export", ["save_peft_adapter"], "--export-peft")
+        target = _lora_ga_peft_model(model, mstate.lora_ga_record) if mstate.lora_ga_record is not None else model
+        rslora = args.rslora if args.rslora is not None else (method == "lora-ga")
+        out["peft"] = str(ex.save_peft_adapter(
+            target, Path(args.export_peft) / name, base_model_name_or_path=str(_model_dir(args)),
+            task_type="SEQ_2_SEQ_LM" if arch == "t5-seq2seq" else "SEQ_CLS", use_rslora=rslora,
+        ))
+        if _HEADS[arch] is not None:
+            out["peft_note"] = f"the trained '{_HEADS[arch]}' head is not part of the PEFT adapter"
     return out
 
 

@@ -98,7 +98,8 @@ def _lora_params(layers: int, hidden: int, rank: int, n_classes: int = 5) -> int
 def test_all_methods_tiny(tiny_bert, tmp_path):
     methods = finetune.METHODS
     summaries = finetune.main(
-        ["--model", str(tiny_bert), "--method", ",".join(methods), "--out-dir", str(tmp_path), "--rank", "4", *TWO_STEPS]
+        ["--model", str(tiny_bert), "--method", ",".join(methods), "--out-dir", str(tmp_path), "--rank", "4",
+         "--export-peft", str(tmp_path / "peft"), "--save-adapters", str(tmp_path / "adapters"), *TWO_STEPS]
     )
     assert [s["method"] for s in summaries] == list(methods)
     by = {s["method"]: s for s in summaries}
@@ -117,6 +118,13 @@ def test_all_methods_tiny(tiny_bert, tmp_path):
     # every method took a real first step: the second losses (same batch for all) differ
     second = {m: [r for r in _records(tmp_path / f"bbc-{m}-s0") if r["type"] == "train"][1]["loss"] for m in methods}
     assert len(set(second.values())) == len(methods), second
+    # exports: every LoRA method, not full FT; LoRA-GA as a rank-2r adapter on the original weights
+    for m in methods:
+        peft_cfg = tmp_path / "peft" / f"bbc-{m}-s0" / "adapter_config.json"
+        assert peft_cfg.is_file() == (m != "full"), m
+        assert (tmp_path / "adapters" / f"bbc-{m}-s0").is_dir() == (m != "full"), m
+    assert json.loads((tmp_path / "peft" / "bbc-lora-ga-s0" / "adapter_config.json").read_text())["r"] == 8
+    assert json.loads((tmp_path / "peft" / "bbc-lora-s0" / "adapter_config.json").read_text())["r"] == 4
     events = [r for r in _records(tmp_path / "bbc-alora-s0") if r["type"] == "event"]
     assert events and all(e["budget"] == layers * 2 * 4 for e in events)
     assert any(r["type"] == "event" for r in _records(tmp_path / "bbc-prilora-s0"))
@@ -158,7 +166,8 @@ def tiny_t5(tmp_path_factory) -> Path:
     from lorapro_jax.models import T5ForConditionalGeneration, save_hf_checkpoint
 
     out = tmp_path_factory.mktemp("tiny_t5")
-    words = ["business", "entertainment", "politics", "sports", "tech", "the", "a", "of", "to", "and", "in"]
+    words = ["business", "entertainment", "politics", "sports", "tech", "the", "a", "of", "to", "and", "in",
+             "negative", "positive"]
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -171,12 +180,32 @@ def tiny_t5(tmp_path_factory) -> Path:
     return out
 
 
-def test_t5_seq2seq_head(tiny_t5, tmp_path):
-    s = finetune.main(["--model", str(tiny_t5), "--method", "lora-pro", "--out-dir", str(tmp_path),
-                       "--rank", "2", "--prompt", "topic: {text}", *TWO_STEPS])[0]
-    _check_run(tmp_path / "bbc-lora-pro-s0", 2)
-    # q and v (16 -> 16) of the encoder self-attention, decoder self- and cross-attention; no head
-    assert s["trainable_params"] == 3 * 2 * 2 * (16 + 16)
+def test_t5_glue_config_local_files(tiny_t5, tmp_path):
+    """The shipped T5-base GLUE config (seq2seq head, prompts, label words) on a tiny T5 and local SST-2 files."""
+    rng = np.random.default_rng(0)
+    words = ["the", "a", "of", "to", "and", "in", "tech", "sports"]
+    for split, n in (("train", 12), ("validation", 6)):
+        rows = ["sentence,label"] + [" ".join(rng.choice(words, 5)) + f",{i % 2}" for i in range(n)]
+        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    config = Path(finetune.__file__).parent / "configs" / "t5_base_glue.json"
+    s = finetune.main(["--config", str(config), "--model", str(tiny_t5), "--task", "glue:sst2",
+                       "--data-files", f"train={tmp_path / 'train.csv'},validation={tmp_path / 'validation.csv'}",
+                       "--method", "lora-pro", "--seeds", "0", "--batch-size", "4", "--eval-batch-size", "8",
+                       "--max-length", "32", "--max-steps", "2", "--rank", "2", "--no-progress",
+                       "--out-dir", str(tmp_path / "runs")])[0]
+    recs = _records(tmp_path / "runs" / "glue-sst2-lora-pro-s0")
+    train = [r for r in recs if r["type"] == "train"]
+    assert len(train) == 2 and all(math.isfinite(r["loss"]) for r in train)
+    assert s["final_split"] == "validation" and 0.0 <= s["final_metrics"]["accuracy"] <= 1.0
+    # q, k, v, o (16 -> 16) of 3 attentions (encoder self, decoder self, cross) + wi (16 -> 32) and wo
+    # (32 -> 16) of 2 feed-forward blocks, rank 2; no classifier head
+    assert s["trainable_params"] == 2 * (3 * 4 * (16 + 16) + 2 * 2 * (16 + 32))
+
+
+def test_shipped_configs_parse():
+    for path in sorted((Path(finetune.__file__).parent / "configs").glob("*.json")):
+        a = finetune.parse_args(["--config", str(path)])
+        assert a.methods and a.seed_list and a.tasks, path
 
 
 def test_config_file_and_errors(tmp_path):
