@@ -224,3 +224,14 @@ def test_only_lora_params_are_trained():
     np.testing.assert_array_equal(np.asarray(m.fc1.base.kernel[...]), k0)
     np.testing.assert_array_equal(np.asarray(m.head.kernel[...]), head0)
     assert not np.allclose(np.asarray(m.fc1.pair.b), np.asarray(p0.b))
+
+
+def test_decay_base_weights_scales_kernels_and_refuses_merged_layers():
+    m = _adapted(targets=["fc1"])
+    k0, head0 = np.asarray(m.fc1.base.kernel[...]), np.asarray(m.head.kernel[...])
+    lp.decay_base_weights(m, 0.9)
+    np.testing.assert_allclose(np.asarray(m.fc1.base.kernel[...]), 0.9 * k0, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(m.head.kernel[...]), head0)  # not adapted: untouched
+    lp.merge_lora(m)
+    with pytest.raises(ValueError, match="'fc1' is merged"):
+        lp.decay_base_weights(m, 0.9)

@@ -439,7 +439,11 @@ def decay_base_weights(model: nnx.Module, factor: float | Array) -> nnx.Module:
     only sees A and B; this is the explicit step that decays ``W0`` (see
     :func:`lorapro_jax.base_decay_factor`).
     """
-    for layer in lora_layers(model).values():
+    for path, layer in lora_layers(model).items():
+        if layer.merged:
+            raise ValueError(
+                f"decay_base_weights: LoRA layer {path!r} is merged, so its kernel holds W0 + s·BA; unmerge it first."
+            )
         k = layer.base.kernel
         k[...] = (k[...] * jnp.asarray(factor, jnp.float32)).astype(k[...].dtype)
     return model
