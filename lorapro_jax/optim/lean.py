@@ -39,7 +39,7 @@ from jaxtyping import Array, Float, Int
 
 from ..lora.pairing import LoraPair, pair_matrices
 from ._tree import Packed, check_finite, map_pairs, require_params, unzip_packed
-from .lora_pro import XMode, _bias_correction, _check_pair, _check_x_mode, lora_pro_gradients
+from .lora_pro import XMode, _bias_correction, _check_pair, _check_x_mode, _closed_form, _grams
 
 __all__ = ["LeanMoments", "ScaleByLoraProLeanState", "scale_by_lora_pro_lean", "truncated_sum"]
 
@@ -151,7 +151,8 @@ def scale_by_lora_pro_lean(
             s = p.scale
             dt = mom.left.dtype
             a2, bm, ga2, gb2 = (x.astype(dt) for x in (a2, bm, ga2, gb2))
-            ga_hat, gb_hat = lora_pro_gradients(a2.T, bm.T, ga2.T, gb2.T, s, delta=delta, x_mode="zero")
+            grams = _grams(a2.T, bm.T, delta)  # shared by both applications of the closed form
+            ga_hat, gb_hat = _closed_form(a2.T, bm.T, ga2.T, gb2.T, s, grams, "zero")
             # ẽ (Flax, n x m) = s (ĝ_a b + a ĝ_b) = le @ re with le (n, 2r), re (2r, m).
             le = s * jnp.concatenate([ga_hat.T, a2], axis=1)
             re = jnp.concatenate([bm, gb_hat.T], axis=0)
@@ -169,7 +170,7 @@ def scale_by_lora_pro_lean(
             rd = right / q_fac[None, :]
             h_a = s * (ld @ (rd @ bm.T))  # (n, r)
             h_b = s * ((a2.T @ ld) @ rd)  # (r, m)
-            ua, ub = lora_pro_gradients(a2.T, bm.T, h_a.T, h_b.T, s, delta=delta, x_mode=x_mode)
+            ua, ub = _closed_form(a2.T, bm.T, h_a.T, h_b.T, s, grams, x_mode)
             upd = LoraPair(ua.T.reshape(u.a.shape).astype(u.a.dtype), ub.T.reshape(u.b.shape).astype(u.b.dtype), u.scale)
             return Packed(upd, LeanMoments(left, right, row, col))
 

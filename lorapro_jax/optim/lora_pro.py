@@ -91,18 +91,35 @@ def lora_pro_gradients(
     _check_x_mode(x_mode)
     dt = jnp.promote_types(jnp.result_type(a_mat, b_mat, g_a, g_b), jnp.float32)
     a_mat, b_mat, g_a, g_b = (x.astype(dt) for x in (a_mat, b_mat, g_a, g_b))
-    s2 = jnp.asarray(scale, dt) ** 2
-    btb = b_mat.T @ b_mat  # (r, r)
-    aat = a_mat @ a_mat.T  # (r, r)
-    q = damped_pinv(btb, delta)
-    p = damped_pinv(aat, delta)
+    return _closed_form(a_mat, b_mat, g_a, g_b, scale, _grams(a_mat, b_mat, delta), x_mode)
+
+
+class _Grams(NamedTuple):
+    """The ``r x r`` matrices of one pair that LoRA-Pro's closed form needs (paper layout)."""
+
+    btb: Float[Array, "r r"]  # BᵀB
+    aat: Float[Array, "r r"]  # AAᵀ
+    q: Float[Array, "r r"]  # (BᵀB + δI)⁻¹
+    p: Float[Array, "r r"]  # (AAᵀ + δI)⁻¹
+
+
+def _grams(a_mat: Float[Array, "r n"], b_mat: Float[Array, "m r"], delta: float) -> _Grams:
+    btb = b_mat.T @ b_mat
+    aat = a_mat @ a_mat.T
+    return _Grams(btb, aat, damped_pinv(btb, delta), damped_pinv(aat, delta))
+
+
+def _closed_form(a_mat, b_mat, g_a, g_b, scale, grams: _Grams, x_mode: str):
+    """LoRA-Pro's closed form given precomputed :class:`_Grams` (the Adam forms apply it twice per step)."""
+    s2 = jnp.asarray(scale, g_a.dtype) ** 2
+    q, p = grams.q, grams.p
     ga_hat = q @ g_a / s2  # (r, n)
     mat = g_b @ p / s2  # (m, r)
     gb_hat = mat - b_mat @ (q @ (b_mat.T @ mat))  # (I - B Q Bᵀ) g_B P / s², never forming m x m
     if x_mode == "sylvester":
-        x = solve_sylvester_psd(btb, aat, -(q @ (g_a @ a_mat.T)) / s2)
+        x = solve_sylvester_psd(grams.btb, grams.aat, -(q @ (g_a @ a_mat.T)) / s2)
     elif x_mode == "symmetry":
-        x = -0.5 * (q @ (b_mat.T @ g_b) @ aat) / s2
+        x = -0.5 * (q @ (b_mat.T @ g_b) @ grams.aat) / s2
     else:
         x = None
     if x is not None:
@@ -289,7 +306,8 @@ def scale_by_lora_pro_adam(
             dt = jnp.promote_types(jnp.result_type(a2, ga2), jnp.float32)
             a2, b2m, ga2, gb2 = (x.astype(dt) for x in (a2, b2m, ga2, gb2))
             # Equivalent gradient of the LoRA-Pro gradients, Flax layout (n, m): s (ĝ_a b + a ĝ_b).
-            ga_hat, gb_hat = lora_pro_gradients(a2.T, b2m.T, ga2.T, gb2.T, s, delta=delta, x_mode="zero")
+            grams = _grams(a2.T, b2m.T, delta)  # shared by both applications of the closed form
+            ga_hat, gb_hat = _closed_form(a2.T, b2m.T, ga2.T, gb2.T, s, grams, "zero")
             e = s * (ga_hat.T @ b2m + a2 @ gb_hat.T)
             bc1, bc2 = _bias_correction(b1, count, dt), _bias_correction(b2, count, dt)
             mu2 = mu.reshape(e.shape).astype(dt)
@@ -299,7 +317,7 @@ def scale_by_lora_pro_adam(
             d = (mu2 / bc1) / (jnp.sqrt(nu2 / bc2 + eps_root) + eps)  # (n, m)
             h_a = s * (d @ b2m.T)  # (n, r) = (s Bᵀ d_paper)ᵀ
             h_b = s * (a2.T @ d)  # (r, m) = (s d_paper Aᵀ)ᵀ
-            ua, ub = lora_pro_gradients(a2.T, b2m.T, h_a.T, h_b.T, s, delta=delta, x_mode=x_mode)
+            ua, ub = _closed_form(a2.T, b2m.T, h_a.T, h_b.T, s, grams, x_mode)
             upd = LoraPair(
                 ua.T.reshape(u.a.shape).astype(u.a.dtype), ub.T.reshape(u.b.shape).astype(u.b.dtype), u.scale
             )
