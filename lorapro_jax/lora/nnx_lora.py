@@ -388,6 +388,12 @@ def lora_state(model: nnx.Module) -> nnx.State:
     return nnx.state(model, LoRAParam)
 
 
+def _add_delta(layer: LoRALayer, sign: float) -> None:
+    """``W0 += sign · s·a@b`` in fp32, stored back in the kernel's dtype."""
+    k = layer.base.kernel
+    k[...] = (k[...].astype(jnp.float32) + sign * layer.delta_kernel()).astype(k[...].dtype)
+
+
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """Adds ``s * a @ b`` into every base kernel and switches the LoRA branches off (in place).
 
@@ -396,8 +402,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     for path, layer in lora_layers(model).items():
         if layer.merged:
             raise ValueError(f"LoRA layer {path!r} is already merged.")
-        k = layer.base.kernel
-        k[...] = (k[...].astype(jnp.float32) + layer.delta_kernel()).astype(k[...].dtype)
+        _add_delta(layer, +1.0)
         layer.merged = True
     return model
 
@@ -407,8 +412,7 @@ def unmerge_lora(model: nnx.Module) -> nnx.Module:
     for path, layer in lora_layers(model).items():
         if not layer.merged:
             raise ValueError(f"LoRA layer {path!r} is not merged.")
-        k = layer.base.kernel
-        k[...] = (k[...].astype(jnp.float32) - layer.delta_kernel()).astype(k[...].dtype)
+        _add_delta(layer, -1.0)
         layer.merged = False
     return model
 
@@ -418,12 +422,10 @@ def merge_and_unwrap(model: nnx.Module) -> nnx.Module:
 
     The result has exactly the structure of the model before :func:`apply_lora`.
     """
-    layers = lora_layers(model)
-    for path, layer in layers.items():
+    for layer in lora_layers(model).values():
         if not layer.merged:
-            k = layer.base.kernel
-            k[...] = (k[...].astype(jnp.float32) + layer.delta_kernel()).astype(k[...].dtype)
-    for (path, m) in [(p, m) for p, m in _iter(model) if isinstance(m, LoRALayer)]:
+            _add_delta(layer, +1.0)
+    for path, m in [(p, m) for p, m in _iter(model) if isinstance(m, LoRALayer)]:
         parent = model
         for key in path[:-1]:
             parent = _get_child(parent, key)
