@@ -44,7 +44,7 @@ from jaxtyping import Float
 
 from .lora.config import LoraConfig
 from .lora.nnx_lora import LoRALayer, LoRAParam, lora_layers, merge_and_unwrap
-from .lora.pairing import LoraPair, lora_scale
+from .lora.pairing import lora_scale
 
 __all__ = [
     "PEFT_CONFIG_NAME",
@@ -509,7 +509,7 @@ def load_peft_adapter(
         b = jnp.asarray(b_t.T.reshape((r,) + spec.out_shape), dtype=old.b.dtype)
         if tuple(old.a.shape) == a.shape and getattr(old.a, "sharding", None) is not None:
             a, b = jax.device_put(a, old.a.sharding), jax.device_put(b, old.b.sharding)
-        layer.lora.set_value(LoraPair(a, b, float(scale)))
+        layer.lora.set_value(old.replace(a=a, b=b, scale=float(scale)))
         layer.gate.set_value(jnp.ones((r,), layer.gate.get_value().dtype))
         if layer.a_mask is not None:
             layer.a_mask.set_value(jnp.ones(a.shape, layer.a_mask.get_value().dtype))

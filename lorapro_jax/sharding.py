@@ -461,8 +461,8 @@ def optimizer_state_specs(
         if is_lora_pair(param):
             if is_lora_pair(node):
                 if node.a.shape == param.a.shape and node.b.shape == param.b.shape:
-                    return LoraPair(pspec.a, pspec.b, node.scale)
-                return LoraPair(replicated(node.a), replicated(node.b), node.scale)
+                    return node.replace(a=pspec.a, b=pspec.b)
+                return node.replace(a=replicated(node.a), b=replicated(node.b))
             kshape = tuple(param.a.shape[:-1]) + tuple(param.b.shape[1:])
             if tuple(node.shape) == kshape:
                 return moment_spec(pspec)

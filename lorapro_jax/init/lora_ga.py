@@ -246,7 +246,7 @@ def lora_ga_init(
             raise ValueError(f"lora_ga_init: LoRA layer {path!r}: {e}") from e
         a = a0.T.reshape(pair.a.shape).astype(pair.a.dtype)  # (*in, r) = A0ᵀ
         b = b0.T.reshape(pair.b.shape).astype(pair.b.dtype)  # (r, *out) = B0ᵀ
-        layer.lora.set_value(LoraPair(a, b, s))
+        layer.lora.set_value(pair.replace(a=a, b=b))
         init = layer.effective_pair()  # what the forward pass adds: s (a ⊙ mask ⊙ gate) b
         kernel = layer.base.kernel
         k = kernel[...]

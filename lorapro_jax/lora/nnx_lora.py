@@ -207,7 +207,7 @@ class LoRALayer(nnx.Module):
         """The pair with the mask and gate folded in: ``a * a_mask * gate``, ``b`` (same scale)."""
         p = self.pair
         a = p.a if self.a_mask is None else p.a * self.a_mask[...]
-        return LoraPair(a * self.gate[...], p.b, p.scale)
+        return p.replace(a=a * self.gate[...])
 
     def delta_kernel(self) -> Array:
         """``s * (a * a_mask * gate) @ b`` in the base kernel's shape and axis order (fp32 math)."""

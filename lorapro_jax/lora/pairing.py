@@ -13,6 +13,17 @@ Layout (Flax, documented once here and used everywhere):
 * The adapted kernel is ``W0 + scale * a @ b`` (flattened over in/out axes), i.e. the paper's
   ``W = W0 + s * B @ A``.
 
+Stacked pairs (scan-over-layers models, batched einsum kernels): a pair may carry leading *stack* axes,
+
+* ``a``: ``(*stack, *in_shape, r)`` and ``b``: ``(*stack, r, *out_shape)``,
+
+one independent pair per index of ``stack`` (e.g. the layer axis of blocks made with ``nnx.vmap`` and run
+under ``nnx.scan``). The static field ``in_ndim`` (the number of input axes) tells stack axes from input
+axes: ``stack_ndim = a.ndim - 1 - in_ndim``. It is stored as a count of *input* axes, not of stack axes,
+so that the slice of a stacked pair that ``nnx.scan`` hands to one layer (same static fields, one axis
+fewer) reads correctly as an unstacked pair. ``in_ndim=None`` (the default) means "no stack axes"
+(``in_ndim = a.ndim - 1``). Every consumer treats the stack axes as a batch of independent pairs.
+
 Reference: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685.
 """
 
@@ -31,21 +42,46 @@ __all__ = ["LoraPair", "is_lora_pair", "pair_matrices", "lora_scale"]
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraPair:
-    """The two low-rank factors of one adapted weight, plus their static scale.
+    """The two low-rank factors of one adapted weight (or of a stack of them), plus their static scale.
 
     Attributes:
-      a: ``(*in_shape, r)`` — the paper's ``A`` transposed (Flax layout).
-      b: ``(r, *out_shape)`` — the paper's ``B`` transposed (Flax layout).
+      a: ``(*stack, *in_shape, r)`` — the paper's ``A`` transposed (Flax layout).
+      b: ``(*stack, r, *out_shape)`` — the paper's ``B`` transposed (Flax layout).
       scale: the static LoRA scale ``s`` (``alpha / r`` or, with rsLoRA, ``alpha / sqrt(r)``).
+      in_ndim: static number of input axes of ``a`` (``len(in_shape)``); ``None`` means ``a.ndim - 1``
+        (no stack axes). Set it only for stacked pairs.
 
     Gradients, optimizer updates and optimizer moments of a pair are also ``LoraPair`` nodes with the
-    same ``scale``, so optax transformations that map over leaves treat ``a`` and ``b`` as ordinary
-    leaves while LoRA-aware transformations match whole pairs with :func:`is_lora_pair`.
+    same static fields, so optax transformations that map over leaves treat ``a`` and ``b`` as ordinary
+    leaves while LoRA-aware transformations match whole pairs with :func:`is_lora_pair`. Build derived
+    pairs with :meth:`replace` so that the static fields carry over.
     """
 
     a: Any
     b: Any
     scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+    in_ndim: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def replace(self, **changes: Any) -> "LoraPair":
+        """A pair with some fields replaced (``a``, ``b``, ...); the other static fields carry over."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def stack_ndim(self) -> int:
+        """Number of leading stack axes (0 for an ordinary pair)."""
+        if self.in_ndim is None:
+            return 0
+        k = len(self.a.shape) - 1 - self.in_ndim
+        if k < 0:
+            raise ValueError(
+                f"LoraPair: a has shape {tuple(self.a.shape)}, too few axes for in_ndim={self.in_ndim} plus the rank."
+            )
+        return k
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """The leading stack axes ``stack`` shared by ``a`` and ``b`` (``()`` for an ordinary pair)."""
+        return tuple(self.a.shape[: self.stack_ndim])
 
     @property
     def rank(self) -> int:
@@ -54,19 +90,19 @@ class LoraPair:
 
     @property
     def in_shape(self) -> tuple[int, ...]:
-        return tuple(self.a.shape[:-1])
+        return tuple(self.a.shape[self.stack_ndim : -1])
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return tuple(self.b.shape[1:])
+        return tuple(self.b.shape[self.stack_ndim + 1 :])
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
-        """Shape of the equivalent kernel ``(*in_shape, *out_shape)``."""
-        return self.in_shape + self.out_shape
+        """Shape of the equivalent kernel ``(*stack, *in_shape, *out_shape)``."""
+        return self.stack_shape + self.in_shape + self.out_shape
 
     def delta(self) -> Float[Array, "*kernel"]:
-        """The equivalent kernel update ``scale * a @ b`` with shape ``(*in_shape, *out_shape)``."""
+        """The equivalent kernel update ``scale * a @ b`` with shape ``(*stack, *in_shape, *out_shape)``."""
         a2, b2 = pair_matrices(self)
         return (self.scale * (a2 @ b2)).reshape(self.kernel_shape)
 
@@ -76,15 +112,20 @@ def is_lora_pair(x: Any) -> bool:
     return isinstance(x, LoraPair)
 
 
-def pair_matrices(pair: LoraPair) -> tuple[Float[Array, "n r"], Float[Array, "r m"]]:
-    """Flattens a pair to 2-D Flax-layout matrices ``a: (n, r)`` and ``b: (r, m)``."""
+def pair_matrices(pair: LoraPair) -> tuple[Float[Array, "*stack n r"], Float[Array, "*stack r m"]]:
+    """Flattens a pair to Flax-layout matrices ``a: (*stack, n, r)`` and ``b: (*stack, r, m)``.
+
+    For an ordinary pair (no stack axes) these are the 2-D ``(n, r)`` and ``(r, m)``.
+    """
+    k = pair.stack_ndim
     r = pair.a.shape[-1]
-    if pair.b.shape[0] != r:
+    stack = tuple(pair.a.shape[:k])
+    if tuple(pair.b.shape[:k]) != stack or len(pair.b.shape) <= k or pair.b.shape[k] != r:
         raise ValueError(
-            f"LoraPair rank mismatch: a has shape {tuple(pair.a.shape)} (rank {r} on its last axis) "
-            f"but b has shape {tuple(pair.b.shape)} (expected rank {r} on its first axis)."
+            f"LoraPair rank mismatch: a has shape {tuple(pair.a.shape)} (stack axes {stack}, rank {r} on its last "
+            f"axis) but b has shape {tuple(pair.b.shape)} (expected {stack + (r,)} + out axes)."
         )
-    return jnp.reshape(pair.a, (-1, r)), jnp.reshape(pair.b, (r, -1))
+    return jnp.reshape(pair.a, stack + (-1, r)), jnp.reshape(pair.b, stack + (r, -1))
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:

@@ -85,7 +85,7 @@ def check_finite(tree: Any, name: str) -> None:
 
 
 def pair_like(pair: LoraPair, a: Any, b: Any) -> LoraPair:
-    return LoraPair(a, b, pair.scale)
+    return pair.replace(a=a, b=b)
 
 
 class Packed:

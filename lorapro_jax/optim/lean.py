@@ -171,7 +171,7 @@ def scale_by_lora_pro_lean(
             h_a = s * (ld @ (rd @ bm.T))  # (n, r)
             h_b = s * ((a2.T @ ld) @ rd)  # (r, m)
             ua, ub = _closed_form(a2.T, bm.T, h_a.T, h_b.T, s, grams, x_mode)
-            upd = LoraPair(ua.T.reshape(u.a.shape).astype(u.a.dtype), ub.T.reshape(u.b.shape).astype(u.b.dtype), u.scale)
+            upd = u.replace(a=ua.T.reshape(u.a.shape).astype(u.a.dtype), b=ub.T.reshape(u.b.shape).astype(u.b.dtype))
             return Packed(upd, LeanMoments(left, right, row, col))
 
         def on_leaf(path, g, p, mom):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ..lora.pairing import LoraPair, is_lora_pair
+from ..lora.pairing import is_lora_pair
 
 __all__ = ["NonLoraMode", "lora_plus", "lora_plus_adamw", "scale_by_lora_plus"]
 
@@ -74,7 +74,7 @@ def scale_by_lora_plus(ratio: float = 16.0, *, non_lora: NonLoraMode = "keep") -
 
         def f(node):
             if is_lora_pair(node):
-                return LoraPair(node.a, _times(node.b, ratio), node.scale)
+                return node.replace(b=_times(node.b, ratio))
             if non_lora == "peft" and getattr(node, "ndim", None) == 1:
                 return _times(node, ratio)
             return node

@@ -151,10 +151,9 @@ def lora_pro_pair_update(
             f"shapes a{tuple(params.a.shape)}, b{tuple(params.b.shape)}"
         )
     ga_hat, gb_hat = lora_pro_gradients(a2.T, b2.T, ga2.T, gb2.T, params.scale, delta=delta, x_mode=x_mode)
-    return LoraPair(
-        ga_hat.T.reshape(grads.a.shape).astype(grads.a.dtype),
-        gb_hat.T.reshape(grads.b.shape).astype(grads.b.dtype),
-        grads.scale,
+    return grads.replace(
+        a=ga_hat.T.reshape(grads.a.shape).astype(grads.a.dtype),
+        b=gb_hat.T.reshape(grads.b.shape).astype(grads.b.dtype),
     )
 
 
@@ -318,9 +317,7 @@ def scale_by_lora_pro_adam(
             h_a = s * (d @ b2m.T)  # (n, r) = (s Bᵀ d_paper)ᵀ
             h_b = s * (a2.T @ d)  # (r, m) = (s d_paper Aᵀ)ᵀ
             ua, ub = _closed_form(a2.T, b2m.T, h_a.T, h_b.T, s, grams, x_mode)
-            upd = LoraPair(
-                ua.T.reshape(u.a.shape).astype(u.a.dtype), ub.T.reshape(u.b.shape).astype(u.b.dtype), u.scale
-            )
+            upd = u.replace(a=ua.T.reshape(u.a.shape).astype(u.a.dtype), b=ub.T.reshape(u.b.shape).astype(u.b.dtype))
             return Packed(upd, mu2.reshape(mu.shape).astype(mu.dtype), nu2.reshape(nu.shape).astype(nu.dtype))
 
         def on_leaf(path, g, p, mu, nu):
@@ -391,7 +388,7 @@ def add_lora_pro_decayed_weights(
         c_pair = c_sqrt if pair_decay == "sqrt" else lam
 
         def on_pair(path, u, p):
-            return LoraPair(u.a + (c_pair * p.a).astype(u.a.dtype), u.b + (c_pair * p.b).astype(u.b.dtype), u.scale)
+            return u.replace(a=u.a + (c_pair * p.a).astype(u.a.dtype), b=u.b + (c_pair * p.b).astype(u.b.dtype))
 
         def on_leaf(path, u, p):
             if not hasattr(u, "shape"):
