@@ -150,10 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None, help="local Hugging Face checkpoint dir (default: all-MiniLM-L6-v2)")
     g.add_argument("--task", default="bbc",
-                   help="bbc, or glue:<task> (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte); comma-separated for several")
+                   help="bbc; local (your own labelled files, see --data-files); or glue:<task> (cola, sst2, mrpc, "
+                        "qqp, stsb, mnli, qnli, rte); comma-separated for several")
     g.add_argument("--data-files", default=None,
-                   help="local GLUE files: 'train=path,validation=path' (csv/tsv/jsonl/parquet); a config may "
-                        "give {task: {split: path}}")
+                   help="local files 'train=PATH,validation=PATH[,test=PATH]' (csv/tsv/jsonl/parquet): for --task "
+                        "local (test optional: validation then also serves as the final split) and glue:<task>; "
+                        "a config may give {task: {split: path}}")
+    g.add_argument("--text-column", default="text", help="--task local: the column holding the text")
+    g.add_argument("--text-pair-column", default=None,
+                   help="--task local: optional second text column (sentence pairs)")
+    g.add_argument("--label-column", default="label",
+                   help="--task local: the column holding the label (strings or integers)")
     g.add_argument("--head", choices=("auto", "classifier", "seq2seq"), default="auto",
                    help="classification head (auto: seq2seq for T5, classifier otherwise)")
     g.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="BERT pooling for the classifier")
@@ -268,8 +275,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.seed_list = _seeds(args.seeds)
     args.tasks = args.task if isinstance(args.task, list) else _csv(args.task)
     for t in args.tasks:
-        if t != "bbc" and not t.startswith("glue:"):
-            parser.error(f"--task: expected 'bbc' or 'glue:<task>', got {t!r}")
+        if t not in ("bbc", "local") and not t.startswith("glue:"):
+            parser.error(f"--task: expected 'bbc', 'local' or 'glue:<task>', got {t!r}")
+        if t == "local" and not args.data_files:
+            parser.error("--task local needs --data-files train=PATH,validation=PATH[,test=PATH]")
         if t.startswith("glue:"):
             try:
                 get_glue_task(t.split(":", 1)[1])
@@ -369,6 +378,69 @@ def _data_files(args: argparse.Namespace, task: str) -> Any:
     return out
 
 
+LOCAL_SPLITS = ("train", "validation", "test")
+
+
+def _local_files(args: argparse.Namespace, task: str) -> dict[str, str]:
+    """``--data-files`` of ``--task local``, checked: train and validation given, files exist."""
+    files = _data_files(args, task) or {}
+    unknown = sorted(set(files) - set(LOCAL_SPLITS))
+    if unknown:
+        raise SystemExit(f"--data-files: unknown split(s) {unknown}; expected train, validation and optionally test")
+    for split in ("train", "validation"):
+        if split not in files:
+            raise SystemExit(f"--data-files: --task local needs a {split}=PATH file (got {sorted(files)})")
+    for split, path in files.items():
+        if not Path(path).is_file():
+            raise SystemExit(f"--data-files {split}={path}: file not found")
+    return {s: str(files[s]) for s in LOCAL_SPLITS if s in files}
+
+
+def _check_local_file(split: str, path: str, columns: Sequence[str]) -> None:
+    """Read one split's file and fail clearly on unreadable files, missing columns or no rows."""
+    from lorapro_jax.data.glue import load_local_files
+
+    try:
+        ds = load_local_files({split: path}, split=split)
+    except Exception as e:  # noqa: BLE001 - any reader error becomes one message naming the file
+        if "no data" in str(e) or type(e).__name__ == "EmptyDataError" or Path(path).stat().st_size == 0:
+            raise SystemExit(f"--data-files {split}={path}: the {split} split is empty (no rows)") from e
+        raise SystemExit(f"--data-files {split}={path}: cannot read the file ({type(e).__name__}: {e})") from e
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise SystemExit(f"--data-files {split}={path}: column(s) {missing} not found (the file has {ds.column_names}); "
+                         "set --text-column / --label-column")
+    if len(ds) == 0:
+        raise SystemExit(f"--data-files {split}={path}: the {split} split is empty (no rows)")
+
+
+def load_local_task(args: argparse.Namespace, task: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The splits of ``--task local`` (``text`` [``text_pair``] ``label`` columns) and the class names.
+
+    String labels become ids in sorted order over all splits; integer labels are kept.
+    """
+    from lorapro_jax.data import load_text_dataset
+    from lorapro_jax.data.text import label_names as names_of
+
+    files = _local_files(args, task)
+    columns = [args.text_column, args.label_column] + ([args.text_pair_column] if args.text_pair_column else [])
+    for split, path in files.items():
+        _check_local_file(split, path, columns)
+    dd = load_text_dataset(files, text_column=args.text_column, label_column=args.label_column,
+                           text_pair_column=args.text_pair_column)
+    names = names_of(dd)
+    if not names:
+        raise SystemExit(f"--data-files train={files['train']}: labels in column {args.label_column!r} must be "
+                         f"strings or integers (class labels), got {dd['train'].features['label']}")
+    for split, path in files.items():
+        bad = [int(v) for v in dd[split]["label"] if int(v) < 0]
+        if bad:
+            raise SystemExit(f"--data-files {split}={path}: negative label ids {sorted(set(bad))[:5]}")
+    if len(names) < 2:
+        raise SystemExit(f"--data-files train={files['train']}: need at least 2 classes, found {names}")
+    return {s: dd[s] for s in files}, tuple(names)
+
+
 def _seq2seq_text(ds: Any, template: str) -> Any:
     fields = set(re.findall(r"{(\w+)}", template))
     missing = fields - set(ds.column_names)
@@ -392,6 +464,13 @@ def load_task(args: argparse.Namespace, task: str, tokenizer: Any, seq2seq: bool
         eval_split, final_split = "validation", "test"
         label_names, is_reg, primary = BBC_LABELS, False, "accuracy"
         cols = dict(text_column="text", text_pair_column=None)
+        template = template or "{text}"
+    elif task == "local":
+        raw, label_names = load_local_task(args, task)
+        eval_split = "validation"
+        final_split = "test" if "test" in raw else "validation"
+        is_reg, primary = False, "accuracy"
+        cols = dict(text_column="text", text_pair_column="text_pair" if args.text_pair_column else None)
         template = template or "{text}"
     else:
         name = task.split(":", 1)[1]
