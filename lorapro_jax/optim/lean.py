@@ -39,7 +39,7 @@ from jaxtyping import Array, Float, Int
 
 from ..lora.pairing import LoraPair, pair_matrices
 from ._tree import Packed, check_finite, map_pairs, require_params, unzip_packed
-from .lora_pro import XMode, _bias_correction, _check_pair, _check_x_mode, _closed_form, _grams
+from .closed_form import XMode, bias_correction, check_pair, check_x_mode, closed_form, grams
 
 __all__ = ["LeanMoments", "ScaleByLoraProLeanState", "scale_by_lora_pro_lean", "truncated_sum"]
 
@@ -118,7 +118,7 @@ def scale_by_lora_pro_lean(
       An ``optax.GradientTransformation`` with a :class:`ScaleByLoraProLeanState`; non-LoRA leaves get
       plain Adam.
     """
-    _check_x_mode(x_mode)
+    check_x_mode(x_mode)
 
     def _k(p: LoraPair) -> int:
         k = rank if rank is not None else 2 * p.rank
@@ -145,14 +145,14 @@ def scale_by_lora_pro_lean(
         count = optax.safe_increment(state.count)
 
         def on_pair(path, u, p, mom):
-            _check_pair(path, u, p)
+            check_pair(path, u, p)
             a2, bm = pair_matrices(p)  # (n, r), (r, m)
             ga2, gb2 = pair_matrices(u)
             s = p.scale
             dt = mom.left.dtype
             a2, bm, ga2, gb2 = (x.astype(dt) for x in (a2, bm, ga2, gb2))
-            grams = _grams(a2.T, bm.T, delta)  # shared by both applications of the closed form
-            ga_hat, gb_hat = _closed_form(a2.T, bm.T, ga2.T, gb2.T, s, grams, "zero")
+            gr = grams(a2.T, bm.T, delta)  # shared by both applications of the closed form
+            ga_hat, gb_hat = closed_form(a2.T, bm.T, ga2.T, gb2.T, s, gr, "zero")
             # ẽ (Flax, n x m) = s (ĝ_a b + a ĝ_b) = le @ re with le (n, 2r), re (2r, m).
             le = s * jnp.concatenate([ga_hat.T, a2], axis=1)
             re = jnp.concatenate([bm, gb_hat.T], axis=0)
@@ -162,7 +162,7 @@ def scale_by_lora_pro_lean(
             cols = jnp.sum((re.T @ (le.T @ le)) * re.T, axis=1)
             row = b2 * mom.row + (1.0 - b2) * rows
             col = b2 * mom.col + (1.0 - b2) * cols
-            bc1, bc2 = _bias_correction(b1, count, dt), _bias_correction(b2, count, dt)
+            bc1, bc2 = bias_correction(b1, count, dt), bias_correction(b2, count, dt)
             total = jnp.sum(row) + eps_row
             p_fac = jnp.sqrt((row + eps_row) / total) + jnp.sqrt(eps)  # (n,)
             q_fac = jnp.sqrt((col + eps_row) / bc2) + jnp.sqrt(eps)  # (m,)
@@ -170,7 +170,7 @@ def scale_by_lora_pro_lean(
             rd = right / q_fac[None, :]
             h_a = s * (ld @ (rd @ bm.T))  # (n, r)
             h_b = s * ((a2.T @ ld) @ rd)  # (r, m)
-            ua, ub = _closed_form(a2.T, bm.T, h_a.T, h_b.T, s, grams, x_mode)
+            ua, ub = closed_form(a2.T, bm.T, h_a.T, h_b.T, s, gr, x_mode)
             upd = u.replace(a=ua.T.reshape(u.a.shape).astype(u.a.dtype), b=ub.T.reshape(u.b.shape).astype(u.b.dtype))
             return Packed(upd, LeanMoments(left, right, row, col))
 
@@ -179,7 +179,7 @@ def scale_by_lora_pro_lean(
                 return Packed(g, mom)
             mu, nu = mom
             dt = jnp.promote_types(g.dtype, jnp.float32)
-            bc1, bc2 = _bias_correction(b1, count, dt), _bias_correction(b2, count, dt)
+            bc1, bc2 = bias_correction(b1, count, dt), bias_correction(b2, count, dt)
             mu2 = b1 * mu.astype(dt) + (1.0 - b1) * g.astype(dt)
             nu2 = b2 * nu.astype(dt) + (1.0 - b2) * jnp.square(g.astype(dt))
             d = (mu2 / bc1) / (jnp.sqrt(nu2 / bc2) + eps)

@@ -1,6 +1,7 @@
 """Small dense linear algebra shared by the LoRA-family optimizers (r x r matrices only).
 
-Everything here works on TPU, GPU and CPU: it uses ``jnp.linalg.eigh`` of symmetric matrices only
+Both functions take any number of leading batch axes (``(*batch, r, r)``): a batch is solved slice by
+slice, in one batched ``eigh`` call. Everything here works on TPU, GPU and CPU: it uses ``jnp.linalg.eigh`` of symmetric matrices only
 (``jax.scipy.linalg.solve_sylvester`` relies on a Schur decomposition that TPUs lack).
 """
 
@@ -12,7 +13,12 @@ from jaxtyping import Array, Float
 __all__ = ["damped_pinv", "solve_sylvester_psd"]
 
 
-def damped_pinv(m: Float[Array, "r r"], delta: float, rtol: float | None = None) -> Float[Array, "r r"]:
+def _t(x):
+    """Transpose of the last two axes (leading batch axes stay in front)."""
+    return jnp.swapaxes(x, -1, -2)
+
+
+def damped_pinv(m: Float[Array, "*batch r r"], delta: float, rtol: float | None = None) -> Float[Array, "*batch r r"]:
     """Pseudo-inverse of the damped symmetric PSD matrix ``m + delta * I``.
 
     This is LoRA-Pro's ``(BᵀB + δI)⁻¹`` / ``(AAᵀ + δI)⁻¹`` (the reference code uses ``pinv`` with
@@ -28,18 +34,18 @@ def damped_pinv(m: Float[Array, "r r"], delta: float, rtol: float | None = None)
       ``(r, r)`` symmetric matrix.
     """
     r = m.shape[-1]
-    m = 0.5 * (m + m.T) + delta * jnp.eye(r, dtype=m.dtype)
+    m = 0.5 * (m + _t(m)) + delta * jnp.eye(r, dtype=m.dtype)
     w, v = jnp.linalg.eigh(m)
     if rtol is None:
         rtol = r * jnp.finfo(m.dtype).eps
-    cutoff = rtol * jnp.max(jnp.abs(w))
+    cutoff = rtol * jnp.max(jnp.abs(w), axis=-1, keepdims=True)
     inv_w = jnp.where(jnp.abs(w) > cutoff, 1.0 / jnp.where(w == 0, 1.0, w), 0.0)
-    return (v * inv_w) @ v.T
+    return (v * inv_w[..., None, :]) @ _t(v)
 
 
 def solve_sylvester_psd(
-    s1: Float[Array, "r r"], s2: Float[Array, "k k"], c: Float[Array, "r k"]
-) -> Float[Array, "r k"]:
+    s1: Float[Array, "*batch r r"], s2: Float[Array, "*batch k k"], c: Float[Array, "*batch r k"]
+) -> Float[Array, "*batch r k"]:
     """Solves ``s1 @ X + X @ s2 = c`` for symmetric PSD ``s1``, ``s2``.
 
     With ``s1 = U diag(λ) Uᵀ`` and ``s2 = V diag(μ) Vᵀ`` the equation becomes
@@ -55,11 +61,11 @@ def solve_sylvester_psd(
     Returns:
       ``X`` with shape ``(r, k)``.
     """
-    lam, u = jnp.linalg.eigh(0.5 * (s1 + s1.T))
-    mu, v = jnp.linalg.eigh(0.5 * (s2 + s2.T))
-    denom = lam[:, None] + mu[None, :]
-    scale = jnp.maximum(jnp.max(jnp.abs(lam)), jnp.max(jnp.abs(mu)))
-    tiny = (lam.shape[0] + mu.shape[0]) * jnp.finfo(c.dtype).eps * scale
+    lam, u = jnp.linalg.eigh(0.5 * (s1 + _t(s1)))
+    mu, v = jnp.linalg.eigh(0.5 * (s2 + _t(s2)))
+    denom = lam[..., :, None] + mu[..., None, :]
+    scale = jnp.maximum(jnp.max(jnp.abs(lam), axis=-1), jnp.max(jnp.abs(mu), axis=-1))[..., None, None]
+    tiny = (lam.shape[-1] + mu.shape[-1]) * jnp.finfo(c.dtype).eps * scale
     ok = jnp.abs(denom) > tiny
-    y = jnp.where(ok, (u.T @ c @ v) / jnp.where(ok, denom, 1.0), 0.0)
-    return u @ y @ v.T
+    y = jnp.where(ok, (_t(u) @ c @ v) / jnp.where(ok, denom, 1.0), 0.0)
+    return u @ y @ _t(v)

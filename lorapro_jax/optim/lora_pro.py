@@ -30,9 +30,20 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int
 
-from ..lora.pairing import LoraPair, pair_matrices
+from ..lora.pairing import pair_matrices
 from ._tree import Packed, check_finite, map_pairs, require_params, unzip_packed
-from .linalg import damped_pinv, solve_sylvester_psd
+from .closed_form import (
+    XMode,
+    bias_correction,
+    check_pair,
+    check_x_mode,
+    closed_form,
+    equivalent_gradient,
+    grams,
+    lora_pro_gradients,
+    lora_pro_pair_update,
+)
+from .lean import scale_by_lora_pro_lean
 
 __all__ = [
     "XMode",
@@ -49,125 +60,8 @@ __all__ = [
     "base_decay_factor",
 ]
 
-XMode = Literal["sylvester", "zero", "symmetry"]
 Form = Literal["full", "efficient", "lean"]
-_X_MODES = ("sylvester", "zero", "symmetry")
 _FORMS = ("full", "efficient", "lean")
-
-
-def _check_x_mode(x_mode: str) -> None:
-    if x_mode not in _X_MODES:
-        raise ValueError(f"x_mode must be one of {_X_MODES}, got {x_mode!r}.")
-
-
-def lora_pro_gradients(
-    a_mat: Float[Array, "r n"],
-    b_mat: Float[Array, "m r"],
-    g_a: Float[Array, "r n"],
-    g_b: Float[Array, "m r"],
-    scale: float,
-    *,
-    delta: float = 1e-8,
-    x_mode: XMode = "sylvester",
-) -> tuple[Float[Array, "r n"], Float[Array, "m r"]]:
-    """LoRA-Pro's optimal adjusted gradients (paper layout, one pair).
-
-    Args:
-      a_mat: ``A`` with shape ``(r, n)``.
-      b_mat: ``B`` with shape ``(m, r)``.
-      g_a: gradient w.r.t. ``A``, ``(r, n)`` (``= s Bᵀ g``).
-      g_b: gradient w.r.t. ``B``, ``(m, r)`` (``= s g Aᵀ``).
-      scale: LoRA scale ``s``.
-      delta: damping ``δ`` of the two ``r x r`` inverses (reference: 1e-8). At the standard init
-        ``B = 0`` the inverse ``(BᵀB + δI)⁻¹ = I/δ`` multiplies ``g_A = 0``, so ``ĝ_A = X A`` and
-        ``ĝ_B = g_B (AAᵀ + δI)⁻¹ / s²``: the equivalent gradient is ``g P_A`` exactly.
-      x_mode: ``"sylvester"`` solves ``BᵀB X + X AAᵀ = −Q g_A Aᵀ / s²`` (the X minimising
-        ``||ĝ_A − g_A||² + ||ĝ_B − g_B||²``); ``"symmetry"`` uses ``X = −Q Bᵀ g_B AAᵀ / (2 s²)`` as the
-        reference code does; ``"zero"`` uses ``X = 0``.
-
-    Returns:
-      ``(ĝ_A, ĝ_B)`` with the shapes of ``(g_a, g_b)``, in the promoted (at least float32) dtype.
-    """
-    _check_x_mode(x_mode)
-    dt = jnp.promote_types(jnp.result_type(a_mat, b_mat, g_a, g_b), jnp.float32)
-    a_mat, b_mat, g_a, g_b = (x.astype(dt) for x in (a_mat, b_mat, g_a, g_b))
-    return _closed_form(a_mat, b_mat, g_a, g_b, scale, _grams(a_mat, b_mat, delta), x_mode)
-
-
-class _Grams(NamedTuple):
-    """The ``r x r`` matrices of one pair that LoRA-Pro's closed form needs (paper layout)."""
-
-    btb: Float[Array, "r r"]  # BᵀB
-    aat: Float[Array, "r r"]  # AAᵀ
-    q: Float[Array, "r r"]  # (BᵀB + δI)⁻¹
-    p: Float[Array, "r r"]  # (AAᵀ + δI)⁻¹
-
-
-def _grams(a_mat: Float[Array, "r n"], b_mat: Float[Array, "m r"], delta: float) -> _Grams:
-    btb = b_mat.T @ b_mat
-    aat = a_mat @ a_mat.T
-    return _Grams(btb, aat, damped_pinv(btb, delta), damped_pinv(aat, delta))
-
-
-def _closed_form(a_mat, b_mat, g_a, g_b, scale, grams: _Grams, x_mode: str):
-    """LoRA-Pro's closed form given precomputed :class:`_Grams` (the Adam forms apply it twice per step)."""
-    s2 = jnp.asarray(scale, g_a.dtype) ** 2
-    q, p = grams.q, grams.p
-    ga_hat = q @ g_a / s2  # (r, n)
-    mat = g_b @ p / s2  # (m, r)
-    gb_hat = mat - b_mat @ (q @ (b_mat.T @ mat))  # (I - B Q Bᵀ) g_B P / s², never forming m x m
-    if x_mode == "sylvester":
-        x = solve_sylvester_psd(grams.btb, grams.aat, -(q @ (g_a @ a_mat.T)) / s2)
-    elif x_mode == "symmetry":
-        x = -0.5 * (q @ (b_mat.T @ g_b) @ grams.aat) / s2
-    else:
-        x = None
-    if x is not None:
-        ga_hat = ga_hat + x @ a_mat
-        gb_hat = gb_hat - b_mat @ x
-    return ga_hat, gb_hat
-
-
-def equivalent_gradient(
-    a_mat: Float[Array, "r n"],
-    b_mat: Float[Array, "m r"],
-    g_a: Float[Array, "r n"],
-    g_b: Float[Array, "m r"],
-    scale: float,
-) -> Float[Array, "m n"]:
-    """The full-weight gradient equivalent to LoRA gradients: ``s (B g_A + g_B A)`` (paper layout)."""
-    return scale * (b_mat @ g_a + g_b @ a_mat)
-
-
-def lora_pro_pair_update(
-    params: LoraPair, grads: LoraPair, *, delta: float = 1e-8, x_mode: XMode = "sylvester"
-) -> LoraPair:
-    """Applies :func:`lora_pro_gradients` to one Flax-layout pair; returns a pair shaped like ``grads``."""
-    a2, b2 = pair_matrices(params)  # (n, r), (r, m)
-    ga2, gb2 = pair_matrices(grads)
-    if ga2.shape != a2.shape or gb2.shape != b2.shape:
-        raise ValueError(
-            f"gradient pair shapes a{tuple(grads.a.shape)}, b{tuple(grads.b.shape)} do not match parameter pair "
-            f"shapes a{tuple(params.a.shape)}, b{tuple(params.b.shape)}"
-        )
-    ga_hat, gb_hat = lora_pro_gradients(a2.T, b2.T, ga2.T, gb2.T, params.scale, delta=delta, x_mode=x_mode)
-    return grads.replace(
-        a=ga_hat.T.reshape(grads.a.shape).astype(grads.a.dtype),
-        b=gb_hat.T.reshape(grads.b.shape).astype(grads.b.dtype),
-    )
-
-
-def _check_pair(path: str, u: LoraPair, p: LoraPair) -> None:
-    if u.a.shape != p.a.shape or u.b.shape != p.b.shape:
-        raise ValueError(
-            f"LoRA pair at {path}: update shapes a{tuple(u.a.shape)}, b{tuple(u.b.shape)} do not match parameter "
-            f"shapes a{tuple(p.a.shape)}, b{tuple(p.b.shape)}."
-        )
-    if p.a.shape[-1] != p.b.shape[0]:
-        raise ValueError(
-            f"LoRA pair at {path}: a{tuple(p.a.shape)} has rank {p.a.shape[-1]} on its last axis but "
-            f"b{tuple(p.b.shape)} has {p.b.shape[0]} on its first axis."
-        )
 
 
 def scale_by_lora_pro(
@@ -188,7 +82,7 @@ def scale_by_lora_pro(
     Returns:
       An ``optax.GradientTransformation`` with an empty state.
     """
-    _check_x_mode(x_mode)
+    check_x_mode(x_mode)
 
     def init_fn(params):
         del params
@@ -200,7 +94,7 @@ def scale_by_lora_pro(
             check_finite(updates, "scale_by_lora_pro")
 
         def on_pair(path, u, p):
-            _check_pair(path, u, p)
+            check_pair(path, u, p)
             return lora_pro_pair_update(p, u, delta=delta, x_mode=x_mode)
 
         return map_pairs(on_pair, lambda path, u, p: u, updates, params), state
@@ -240,11 +134,6 @@ class ScaleByLoraProAdamState(NamedTuple):
     nu: Any
 
 
-def _bias_correction(decay, count, dtype=jnp.float32):
-    """``1 - decay**t`` in ``dtype`` (float32 loses ~1e-5 relative for b2 = 0.999 near t = 1)."""
-    return 1.0 - jnp.asarray(decay, dtype) ** count.astype(dtype)
-
-
 def scale_by_lora_pro_adam(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -276,7 +165,7 @@ def scale_by_lora_pro_adam(
     Returns:
       An ``optax.GradientTransformation`` with a :class:`ScaleByLoraProAdamState`.
     """
-    _check_x_mode(x_mode)
+    check_x_mode(x_mode)
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
@@ -298,17 +187,17 @@ def scale_by_lora_pro_adam(
         count = optax.safe_increment(state.count)
 
         def on_pair(path, u, p, mu, nu):
-            _check_pair(path, u, p)
+            check_pair(path, u, p)
             a2, b2m = pair_matrices(p)  # (n, r), (r, m)
             ga2, gb2 = pair_matrices(u)
             s = p.scale
             dt = jnp.promote_types(jnp.result_type(a2, ga2), jnp.float32)
             a2, b2m, ga2, gb2 = (x.astype(dt) for x in (a2, b2m, ga2, gb2))
             # Equivalent gradient of the LoRA-Pro gradients, Flax layout (n, m): s (ĝ_a b + a ĝ_b).
-            grams = _grams(a2.T, b2m.T, delta)  # shared by both applications of the closed form
-            ga_hat, gb_hat = _closed_form(a2.T, b2m.T, ga2.T, gb2.T, s, grams, "zero")
+            gr = grams(a2.T, b2m.T, delta)  # shared by both applications of the closed form
+            ga_hat, gb_hat = closed_form(a2.T, b2m.T, ga2.T, gb2.T, s, gr, "zero")
             e = s * (ga_hat.T @ b2m + a2 @ gb_hat.T)
-            bc1, bc2 = _bias_correction(b1, count, dt), _bias_correction(b2, count, dt)
+            bc1, bc2 = bias_correction(b1, count, dt), bias_correction(b2, count, dt)
             mu2 = mu.reshape(e.shape).astype(dt)
             nu2 = nu.reshape(e.shape).astype(dt)
             mu2 = b1 * mu2 + (1.0 - b1) * e
@@ -316,7 +205,7 @@ def scale_by_lora_pro_adam(
             d = (mu2 / bc1) / (jnp.sqrt(nu2 / bc2 + eps_root) + eps)  # (n, m)
             h_a = s * (d @ b2m.T)  # (n, r) = (s Bᵀ d_paper)ᵀ
             h_b = s * (a2.T @ d)  # (r, m) = (s d_paper Aᵀ)ᵀ
-            ua, ub = _closed_form(a2.T, b2m.T, h_a.T, h_b.T, s, grams, x_mode)
+            ua, ub = closed_form(a2.T, b2m.T, h_a.T, h_b.T, s, gr, x_mode)
             upd = u.replace(a=ua.T.reshape(u.a.shape).astype(u.a.dtype), b=ub.T.reshape(u.b.shape).astype(u.b.dtype))
             return Packed(upd, mu2.reshape(mu.shape).astype(mu.dtype), nu2.reshape(nu.shape).astype(nu.dtype))
 
@@ -324,7 +213,7 @@ def scale_by_lora_pro_adam(
             if not hasattr(g, "shape"):
                 return Packed(g, mu, nu)
             dt = jnp.promote_types(g.dtype, jnp.float32)
-            bc1, bc2 = _bias_correction(b1, count, dt), _bias_correction(b2, count, dt)
+            bc1, bc2 = bias_correction(b1, count, dt), bias_correction(b2, count, dt)
             mu2 = b1 * mu.astype(dt) + (1.0 - b1) * g.astype(dt)
             nu2 = b2 * nu.astype(dt) + (1.0 - b2) * jnp.square(g.astype(dt))
             d = (mu2 / bc1) / (jnp.sqrt(nu2 / bc2 + eps_root) + eps)
@@ -462,8 +351,6 @@ def lora_pro_adamw(
             optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype),
         )
     else:
-        from .lean import scale_by_lora_pro_lean
-
         direction = scale_by_lora_pro_lean(
             b1, b2, eps, delta=delta, x_mode=x_mode, rank=lean_rank, check_finite_grads=check_finite_grads
         )
