@@ -6,6 +6,18 @@ Linear paths match ``transformers.models.llama.modeling_llama``: ``model.layers.
 ``linear`` and ``llama3`` rope types, ``rope_theta`` from ``config.rope_parameters`` or the legacy
 ``config.rope_theta``), grouped-query attention (``num_key_value_heads``), SwiGLU MLP, causal +
 padding masks and tied word embeddings.
+
+Two layouts of the decoder stack, loading and saving the same Hugging Face checkpoints (per-layer keys):
+
+* ``scan_layers=False`` (default): one module per layer in an ``nnx.List``, paths
+  ``model.layers.{i}.self_attn.q_proj``.
+* ``scan_layers=True``: the layers are built once with ``nnx.vmap`` (every layer parameter gains a
+  leading ``(num_hidden_layers,)`` axis, paths ``model.layers.self_attn.q_proj``) and run with
+  ``nnx.scan``: one compiled layer, as large JAX models are trained. LoRA adapts the stacked kernels
+  as stacked pairs (:class:`~lorapro_jax.lora.pairing.LoraPair` with leading stack axes).
+
+``remat_policy`` (either layout) wraps each layer call in ``nnx.remat`` with the named
+``jax.checkpoint_policies`` policy (e.g. ``"nothing_saveable"``, ``"dots_saveable"``).
 """
 
 from __future__ import annotations
@@ -13,6 +25,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -106,6 +120,16 @@ def _normal(std: float):
     return nnx.initializers.normal(std)
 
 
+def _checkpoint_policy(name: str | None) -> Any:
+    """``jax.checkpoint_policies.<name>`` (``None`` when ``name`` is ``None``); a clear error otherwise."""
+    if name is None:
+        return None
+    policy = getattr(jax.checkpoint_policies, name, None)
+    if policy is None or not callable(policy):
+        raise ValueError(f"remat_policy={name!r} is not a jax.checkpoint_policies policy (e.g. 'nothing_saveable').")
+    return policy
+
+
 class LlamaAttention(nnx.Module):
     """GQA self-attention with ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``."""
 
@@ -171,12 +195,17 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaModel(HFModule):
-    """Bare Llama decoder: ``embed_tokens``, ``layers`` (``nnx.List``), ``norm``.
+    """Bare Llama decoder: ``embed_tokens``, ``layers``, ``norm``.
 
     Args:
         config: a ``transformers.LlamaConfig`` (or a compatible config, e.g. ``mistral`` without
             sliding window is *not* accepted by the loader's model_type check).
         dtype: computation dtype; ``param_dtype``: parameter dtype; ``rngs``: init / dropout RNGs.
+        scan_layers: build the layers with ``nnx.vmap`` (one ``LlamaDecoderLayer`` whose parameters
+            have a leading ``(num_hidden_layers,)`` axis) and run them with ``nnx.scan``; otherwise
+            ``layers`` is an ``nnx.List`` of separate layers.
+        remat_policy: name of a ``jax.checkpoint_policies`` policy; each layer call is then
+            rematerialised with ``nnx.remat`` (``None``: no remat).
     """
 
     model_type = "llama"
@@ -184,22 +213,46 @@ class LlamaModel(HFModule):
     hf_ignore_unexpected = (r"(^|\.)rotary_emb\.inv_freq$", r"(^|\.)self_attn\.rotary_emb\.inv_freq$")
 
     def __init__(self, config: Any, *, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-                 rngs: nnx.Rngs | None = None):
+                 rngs: nnx.Rngs | None = None, scan_layers: bool = False, remat_policy: str | None = None):
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self._set_config(config)
+        _checkpoint_policy(remat_policy)  # fail at construction, not at the first call
+        self.scan_layers = bool(scan_layers)
+        self.remat_policy = remat_policy
+        self.num_layers = int(config.num_hidden_layers)
         self.embed_tokens = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             embedding_init=_normal(config.initializer_range),
         )
-        self.layers = nnx.List(
-            [
-                LlamaDecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                for _ in range(config.num_hidden_layers)
-            ]
-        )
+
+        def make_layer(r: nnx.Rngs) -> LlamaDecoderLayer:
+            return LlamaDecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=r)
+
+        if self.scan_layers:
+            make_stacked = nnx.split_rngs(splits=self.num_layers)(nnx.vmap(make_layer, in_axes=(0,), out_axes=0))
+            self.layers = make_stacked(rngs)
+        else:
+            self.layers = nnx.List([make_layer(rngs) for _ in range(self.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         # Static (hashable) tuple; turned into an array at call time.
         self.inv_freq = tuple(float(x) for x in rope_inv_freq(config))
+
+    def hf_stacked(self) -> dict[str, int]:
+        """Attributes holding stacked layers, with their count (read by the HF loader and exporter)."""
+        return {"layers": self.num_layers} if self.scan_layers else {}
+
+    def _run_layers(self, h: Array, cos: Array, sin: Array, mask: Array | None, deterministic: bool | None) -> Array:
+        def call(layer: LlamaDecoderLayer, x: Array) -> Array:
+            return layer(x, cos, sin, mask, deterministic=deterministic)
+
+        policy = _checkpoint_policy(self.remat_policy)
+        if self.remat_policy is not None:
+            call = nnx.remat(call, policy=policy)
+        if not self.scan_layers:
+            for layer in self.layers:
+                h = call(layer, h)
+            return h
+        return nnx.scan(call, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.layers, h)
 
     def rotary(self, position_ids: Int[Array, "batch seq"], dtype) -> tuple[Array, Array]:
         """``cos, sin`` of shape ``(batch, seq, head_dim)`` (float32 math, cast to ``dtype``)."""
@@ -232,8 +285,7 @@ class LlamaModel(HFModule):
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, h.dtype)
         mask = combine_masks(causal_mask(seq), padding_mask(attention_mask))
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, deterministic=deterministic)
+        h = self._run_layers(h, cos, sin, mask, deterministic)
         return self.norm(h)
 
 
@@ -248,7 +300,7 @@ class LlamaForCausalLM(HFModule):
     Args:
         config: a ``transformers.LlamaConfig``.
         tie_word_embeddings: override ``config.tie_word_embeddings``.
-        dtype, param_dtype, rngs: as in :class:`LlamaModel`.
+        dtype, param_dtype, rngs, scan_layers, remat_policy: as in :class:`LlamaModel`.
     """
 
     model_type = "llama"
@@ -256,11 +308,13 @@ class LlamaForCausalLM(HFModule):
     hf_ignore_unexpected = LlamaModel.hf_ignore_unexpected
 
     def __init__(self, config: Any, *, tie_word_embeddings: bool | None = None, dtype: Dtype | None = None,
-                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None):
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None, scan_layers: bool = False,
+                 remat_policy: str | None = None):
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self._set_config(config)
         self.tie_word_embeddings = _tie(config) if tie_word_embeddings is None else tie_word_embeddings
-        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, scan_layers=scan_layers,
+                                remat_policy=remat_policy)
         self.lm_head = (
             None
             if self.tie_word_embeddings
@@ -313,7 +367,7 @@ class LlamaForSequenceClassification(HFModule):
     Args:
         config: a ``transformers.LlamaConfig``; ``config.num_labels`` unless ``num_labels`` given.
         num_labels: number of logits.
-        dtype, param_dtype, rngs: as in :class:`LlamaModel`.
+        dtype, param_dtype, rngs, scan_layers, remat_policy: as in :class:`LlamaModel`.
     """
 
     model_type = "llama"
@@ -322,12 +376,14 @@ class LlamaForSequenceClassification(HFModule):
     hf_default_allow_missing = (r"^score\.",)
 
     def __init__(self, config: Any, *, num_labels: int | None = None, dtype: Dtype | None = None,
-                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None):
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None, scan_layers: bool = False,
+                 remat_policy: str | None = None):
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self._set_config(config)
         self.num_labels = int(num_labels if num_labels is not None else config.num_labels)
         self.pad_token_id = getattr(config, "pad_token_id", None)
-        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, scan_layers=scan_layers,
+                                remat_policy=remat_policy)
         self.score = nnx.Linear(
             config.hidden_size, self.num_labels, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             kernel_init=_normal(config.initializer_range),

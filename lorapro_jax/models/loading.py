@@ -12,6 +12,12 @@ NNX leaf            HF suffix                transform
 ``weight``          ``weight`` (RMSNorm)     --
 ``bias``            ``bias``                 --
 ==================  =======================  ===========
+
+Stacked (scan-over-layers) layouts: a module whose ``hf_stacked()`` returns ``{"layers": L}`` holds its
+``L`` layers as one module with stacked parameters (leading axis ``L``). Its HF keys
+``<prefix>.layers.{i}.<rest>`` are stacked into one array on load and split back on export, so both
+layouts read and write the same per-layer checkpoints. Linear kernels are transposed on their last two
+axes only.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ __all__ = [
     "MODEL_REGISTRY",
     "CheckpointKeyError",
     "hf_param_names",
+    "hf_stacked_prefixes",
     "load_pretrained",
     "read_safetensors",
     "resolve_model_class",
@@ -290,8 +297,8 @@ def to_hf_state_dict(model: nnx.Module, *, ignore_unknown: bool = False) -> dict
     """Export a model's parameters under Hugging Face names and layouts.
 
     Linear kernels ``(in, out)`` are transposed back to torch ``(out, in)``; everything else is
-    copied as is. Tied weights (e.g. ``lm_head`` of a tied Llama) are not duplicated, matching
-    what ``save_pretrained`` writes.
+    copied as is. Stacked (scan-over-layers) parameters are written as per-layer keys. Tied weights
+    (e.g. ``lm_head`` of a tied Llama) are not duplicated, matching what ``save_pretrained`` writes.
 
     Args:
         model: any model from :mod:`lorapro_jax.models` (or a sub-module: names are then relative).
@@ -304,8 +311,8 @@ def to_hf_state_dict(model: nnx.Module, *, ignore_unknown: bool = False) -> dict
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for key, (path, transpose) in hf_param_names(model, ignore_unknown=ignore_unknown).items():
         arr = np.asarray(jax.device_get(flat[path][...]))
-        out[key] = np.ascontiguousarray(arr.T if transpose else arr)
-    return out
+        out[key] = np.ascontiguousarray(_swap_last(arr) if transpose else arr)
+    return _unstack_layers(out, hf_stacked_prefixes(model))
 
 
 def save_hf_checkpoint(
@@ -352,6 +359,97 @@ def _compile(patterns: str | Iterable[str] | None) -> list[re.Pattern[str]]:
     return [re.compile(p) for p in patterns]
 
 
+def hf_stacked_prefixes(model: nnx.Module) -> dict[str, int]:
+    """HF name prefixes of stacked layer collections in ``model``, with their layer counts.
+
+    E.g. ``{"model.layers": 32}`` for a ``LlamaForCausalLM(..., scan_layers=True)``; ``{}`` for
+    unrolled models. Read from every sub-module's ``hf_stacked()`` (see the module docstring).
+    """
+    out: dict[str, int] = {}
+    for path, node in nnx.iter_graph(model):
+        get = getattr(node, "hf_stacked", None)
+        if isinstance(node, nnx.Module) and callable(get):
+            for attr, count in get().items():
+                out[".".join([*map(str, path), attr])] = int(count)
+    return out
+
+
+def _split_stacked(key: str, stacked: Mapping[str, int]) -> tuple[str, str] | None:
+    """``(prefix, rest)`` when ``key`` is ``<prefix>.<rest>`` for a stacked prefix (rest not a layer index)."""
+    for prefix in stacked:
+        if key.startswith(prefix + "."):
+            rest = key[len(prefix) + 1 :]
+            if not rest.split(".", 1)[0].isdigit():
+                return prefix, rest
+    return None
+
+
+def _per_layer_names(names: Iterable[str], stacked: Mapping[str, int]) -> set[str]:
+    """The per-layer HF keys that the (possibly stacked) model names stand for."""
+    out: set[str] = set()
+    for key in names:
+        hit = _split_stacked(key, stacked)
+        if hit is None:
+            out.add(key)
+        else:
+            prefix, rest = hit
+            out.update(f"{prefix}.{i}.{rest}" for i in range(stacked[prefix]))
+    return out
+
+
+def _stack_layers(
+    tensors: dict[str, np.ndarray], expected: set[str], stacked: Mapping[str, int], where: Any
+) -> dict[str, np.ndarray]:
+    """Stacks ``<prefix>.{i}.<rest>`` (i = 0..L-1) into ``<prefix>.<rest>`` for every expected stacked name.
+
+    Raises:
+        CheckpointKeyError: some but not all layers of a stacked name are present, or their shapes
+            or dtypes differ (the message names the keys).
+    """
+    if not stacked:
+        return tensors
+    out = dict(tensors)
+    for key in sorted(expected):
+        hit = _split_stacked(key, stacked)
+        if hit is None:
+            continue
+        prefix, rest = hit
+        layer_keys = [f"{prefix}.{i}.{rest}" for i in range(stacked[prefix])]
+        present = [k for k in layer_keys if k in tensors]
+        if not present:
+            continue  # reported as missing by the caller
+        if len(present) != len(layer_keys):
+            absent = [k for k in layer_keys if k not in tensors]
+            raise CheckpointKeyError(f"Cannot load {where}: stacked parameter {key!r} lacks layers {absent}.")
+        parts = [out.pop(k) for k in layer_keys]
+        if len({(p.shape, p.dtype) for p in parts}) != 1:
+            shapes = {k: (tuple(p.shape), str(p.dtype)) for k, p in zip(layer_keys, parts)}
+            raise CheckpointKeyError(f"Cannot load {where}: layers of {key!r} differ in shape or dtype: {shapes}")
+        out[key] = np.stack(parts)
+    return out
+
+
+def _unstack_layers(tensors: dict[str, np.ndarray], stacked: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`_stack_layers`: ``<prefix>.<rest>`` of shape ``(L, ...)`` to per-layer keys."""
+    if not stacked:
+        return tensors
+    out: dict[str, np.ndarray] = {}
+    for key, arr in tensors.items():
+        hit = _split_stacked(key, stacked)
+        if hit is None:
+            out[key] = arr
+            continue
+        prefix, rest = hit
+        for i in range(stacked[prefix]):
+            out[f"{prefix}.{i}.{rest}"] = np.ascontiguousarray(arr[i])
+    return out
+
+
+def _swap_last(arr: Any) -> Any:
+    """Transposes a (possibly stacked) Linear kernel on its last two axes."""
+    return np.swapaxes(arr, -1, -2)
+
+
 def _matches(key: str, pats: list[re.Pattern[str]]) -> bool:
     return any(p.search(key) for p in pats)
 
@@ -381,7 +479,9 @@ def _fresh_rng_state(others: list[tuple[tuple[Any, ...], Any]], rngs: nnx.Rngs) 
     if key_paths:
         stream = "dropout" if "dropout" in rngs else "default"
         keys = jax.random.split(rngs[stream](), len(key_paths))
-        out.update({p: keys[i] for i, p in enumerate(key_paths)})
+        shapes = {p: tuple(v.shape) for p, v in others}
+        # A stacked (scan-over-layers) dropout stream holds one key per layer.
+        out.update({p: jax.random.split(keys[i], shapes[p]) if shapes[p] else keys[i] for i, p in enumerate(key_paths)})
     for p, v in others:
         if isinstance(v, nnx.RngCount):
             out[p] = jnp.zeros(v.shape, v.dtype)
@@ -489,7 +589,9 @@ def load_pretrained(
     abstract = nnx.eval_shape(lambda: build(nnx.clone(rngs)))
     names = hf_param_names(abstract)
     expected = set(names)
-    tensors = _normalise_prefix(tensors, expected, cls.base_model_prefix)
+    stacked = hf_stacked_prefixes(abstract)
+    tensors = _normalise_prefix(tensors, _per_layer_names(expected, stacked), cls.base_model_prefix)
+    tensors = _stack_layers(tensors, expected, stacked, path)
 
     # Tied aliases: accept a duplicate of its source; use it as the source if the source is absent.
     for alias, src in abstract.hf_tied_aliases_for_instance().items():
@@ -511,7 +613,7 @@ def load_pretrained(
     for key in sorted(expected & tensors.keys()):
         p, transpose = names[key]
         want = tuple(flat_abs[p].shape)
-        got = tuple(tensors[key].shape[::-1] if transpose else tensors[key].shape)
+        got = tuple(_swap_last(tensors[key]).shape if transpose else tensors[key].shape)
         if want != got:
             mismatched.append(f"{key}: checkpoint {tuple(tensors[key].shape)} vs model {want} (after transpose: {transpose})")
     if bad_missing or unexpected or mismatched:
@@ -546,7 +648,7 @@ def load_pretrained(
     loaded = {}
     for key in expected & tensors.keys():
         p, transpose = names[key]
-        arr = tensors[key].T if transpose else tensors[key]
+        arr = _swap_last(tensors[key]) if transpose else tensors[key]
         loaded[p] = jnp.asarray(arr, dtype=flat_abs[p].dtype)
     nnx.update(model, nnx.from_flat_state(loaded))
     return model
