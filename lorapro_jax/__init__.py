@@ -57,6 +57,7 @@ from .rank import (
     prilora_prune,
     prilora_rank_schedule,
 )
+from .errors import CorruptFileError  # issue 10: bad files name the file
 from .sharding import lora_partition_specs, optimizer_state_specs, shard_optimizer, tensor_parallel_rules
 
 import importlib as _importlib

@@ -41,6 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from .errors import CorruptFileError, check_config, check_module, check_path
 from .lora.config import LoraConfig
 from .lora.nnx_lora import LoRAGate, LoRAMask, LoRAParam, LoRAStat, lora_layers
 
@@ -253,6 +254,14 @@ def _has_leaves(state: nnx.State) -> bool:
     return bool(_flat_leaves(state))
 
 
+def _check_targets(who: str, sig: str, model: Any, optimizer: Any, rngs: Any) -> None:
+    check_module(model, "model", who, sig)
+    if optimizer is not None and not isinstance(optimizer, nnx.Optimizer):
+        raise TypeError(f"{who}: `optimizer` must be an nnx.Optimizer (or None), got {type(optimizer).__name__}. Call it as {sig}.")
+    if rngs is not None and not isinstance(rngs, nnx.Rngs):
+        raise TypeError(f"{who}: `rngs` must be an nnx.Rngs (or None), got {type(rngs).__name__}.")
+
+
 # -- adapters only -------------------------------------------------------------------------------------
 def save_adapters(
     path: str | os.PathLike,
@@ -277,6 +286,10 @@ def save_adapters(
     Raises:
       ValueError: ``model`` has no LoRA layers.
     """
+    sig = "save_adapters(path, model, config=...)"
+    check_path(path, "path", "save_adapters", sig)
+    check_module(model, "model", "save_adapters", sig)
+    check_config(config, "save_adapters", optional=True)
     layers = _layer_metadata(model)
     if not layers:
         raise ValueError("save_adapters: the model has no LoRA layers (apply_lora first).")
@@ -302,6 +315,7 @@ def save_adapters(
 
 def read_adapter_metadata(path: str | os.PathLike) -> dict:
     """The JSON metadata of an adapter checkpoint (``layers``: rank/scale/shapes per path, ``config``, ...)."""
+    check_path(path, "path", "read_adapter_metadata", "read_adapter_metadata(path)")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         return dict(ckptr.restore(_abspath(path), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
@@ -319,6 +333,9 @@ def restore_adapters(path: str | os.PathLike, model: nnx.Module) -> dict:
       ValueError: the checkpoint does not fit ``model`` (the message names the paths), or a target
         layer is merged.
     """
+    sig = "restore_adapters(path, model)"
+    check_path(path, "path", "restore_adapters", sig)
+    check_module(model, "model", "restore_adapters", sig)
     path = _abspath(path)
     meta = read_adapter_metadata(path)
     if meta.get("format") != "lorapro_jax.adapters":
@@ -394,6 +411,7 @@ class TrainCheckpointer:
         async_save: bool = True,
         also_save: Any = None,
     ):
+        check_path(directory, "directory", "TrainCheckpointer", "TrainCheckpointer(directory, ...)")
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
         if max_to_keep is not None and max_to_keep < 1:
@@ -451,6 +469,7 @@ class TrainCheckpointer:
         Returns:
           Whether a checkpoint was started (with ``async_save`` it may still be writing).
         """
+        _check_targets("TrainCheckpointer.save", "save(step, model, optimizer, ...)", model, optimizer, rngs)
         if step is None:
             if optimizer is None:
                 raise ValueError("TrainCheckpointer.save: step=None needs an optimizer to read the step from.")
@@ -500,6 +519,7 @@ class TrainCheckpointer:
           FileNotFoundError: no checkpoint in the directory.
           ValueError: the checkpoint does not fit the targets (the message names the paths).
         """
+        _check_targets("TrainCheckpointer.restore", "restore(model, optimizer, step=...)", model, optimizer, rngs)
         self.manager.wait_until_finished()
         if step is None:
             step = self.manager.latest_step()

@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Float
 
+from .errors import CorruptFileError, check_config, check_module, check_path
 from .lora.config import LoraConfig
 from .lora.nnx_lora import LoRALayer, LoRAParam, lora_layers, merge_and_unwrap
 from .lora.pairing import lora_scale
@@ -88,6 +89,7 @@ def export_merged(model: nnx.Module, *, dtype: Any = None) -> dict[str, np.ndarr
     Returns:
       ``{dotted path: np.ndarray}`` — e.g. ``"encoder.layer.0.attention.self.query.kernel": (in, out)``.
     """
+    check_module(model, "model", "export_merged", "export_merged(model)")
     layers = lora_layers(model)
     out: dict[str, np.ndarray] = {}
     for vpath, var in nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))):
@@ -137,6 +139,9 @@ def export_merged_hf(
     Returns:
       ``{hf_name: np.ndarray}``.
     """
+    check_module(model, "model", "export_merged_hf", "export_merged_hf(model, out_file)")
+    if out_file is not None:
+        check_path(out_file, "out_file", "export_merged_hf", "export_merged_hf(model, out_file)")
     fn = to_hf_state_dict or _default_to_hf()
     merged = merge_and_unwrap(nnx.clone(model))
     sd = {k: np.asarray(jax.device_get(v)) for k, v in fn(merged).items()}
@@ -210,6 +215,7 @@ def _norm_prefix(prefix: str) -> str:
 
 
 def _exportable(model: nnx.Module, allow_flatten: bool, who: str) -> dict[str, LoRALayer]:
+    check_module(model, "model", who, f"{who}(model, ...)")
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{who}: the model has no LoRA layers (apply_lora first).")
@@ -327,6 +333,7 @@ def peft_config(
       ValueError: a layer cannot be exported (see ``allow_flatten``), ``target_modules`` misses an
         adapted module, or ``config`` disagrees with the model's scales in a way no pattern can fix.
     """
+    check_config(config, "peft_config", optional=True)
     prefix = _norm_prefix(prefix)
     layers = _exportable(model, allow_flatten, "peft_config")
     info = {f"{prefix}{p}": (int(l.pair.rank), float(l.pair.scale)) for p, l in layers.items()}
@@ -417,6 +424,10 @@ def save_peft_adapter(
     Returns:
       The output directory.
     """
+    sig = "save_peft_adapter(model, out_dir, base_model_name_or_path=...)"
+    check_module(model, "model", "save_peft_adapter", sig)
+    check_path(out_dir, "out_dir", "save_peft_adapter", sig)
+    check_config(config, "save_peft_adapter", optional=True)
     cfg = peft_config(
         model,
         base_model_name_or_path=base_model_name_or_path,
@@ -461,6 +472,9 @@ def load_peft_adapter(
       ValueError: not a LoRA adapter / unsupported variant (DoRA, embedding LoRA), missing or
         unexpected keys, shape or rank mismatches (the message names the modules).
     """
+    sig = "load_peft_adapter(model, adapter_dir)"
+    check_module(model, "model", "load_peft_adapter", sig)
+    check_path(adapter_dir, "adapter_dir", "load_peft_adapter", sig)
     adapter_dir = Path(adapter_dir)
     cfg = json.loads((adapter_dir / PEFT_CONFIG_NAME).read_text())
     if cfg.get("peft_type", "LORA").upper() != "LORA":

@@ -599,6 +599,9 @@ def shard_optimizer(
     """
     import optax
 
+    from .errors import check_tx
+
+    check_tx(tx, "shard_optimizer")
     pspecs = nnx.as_pure(params_specs)
 
     def state_shardings(params, concrete=False):

@@ -49,6 +49,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
+from ..errors import check_config, check_module
 from ..lora.config import LoraConfig
 from ..lora.nnx_lora import LoRALayer, apply_lora, lora_layers
 from ..lora.pairing import LoraPair, pair_matrices
@@ -354,6 +355,8 @@ def apply_lora_ga(
     Returns:
       ``(model, record)``: the model (adapted in place) and the :func:`lora_ga_init` record.
     """
+    check_module(model, "model", "apply_lora_ga", "apply_lora_ga(model, config, loss_fn, batches, rngs=...)")
+    check_config(config, "apply_lora_ga")
     _check_options(direction, scale, svd, stable_gamma)
     apply_lora(model, config, rngs=rngs)
     grads = estimate_full_gradients(

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from ..errors import check_config
 from .config import LoraConfig
 from .pairing import LoraPair, pair_matrices
 
@@ -49,6 +50,7 @@ def linen_targets(model: nn.Module, params: Any, config: LoraConfig, *args, **kw
     Raises:
       ValueError: no Dense/DenseGeneral path matches ``config.targets`` (lists the candidates).
     """
+    check_config(config, "linen_targets")
     found: dict[str, tuple] = {}
     candidates: list[str] = []
 
@@ -76,6 +78,7 @@ def init_linen_lora(model: nn.Module, params: Any, config: LoraConfig, key: Arra
     Raises:
       ValueError: no match, or a rank above ``min(m, n)`` (names the path).
     """
+    check_config(config, "init_linen_lora")
     out = {}
     dtype = jnp.dtype(config.param_dtype)
     for i, (path, (axes, in_shape, out_shape)) in enumerate(sorted(linen_targets(model, params, config, *args, **kwargs).items())):

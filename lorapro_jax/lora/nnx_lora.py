@@ -23,6 +23,7 @@ from jaxtyping import Array, Float
 
 from .config import LoraConfig
 from .pairing import LoraPair, pair_matrices
+from ..errors import check_config, check_module
 
 __all__ = [
     "LoRAParam",
@@ -319,10 +320,13 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.
       The same model object, adapted.
 
     Raises:
+      TypeError: ``model`` is not an ``nnx.Module`` or ``config`` not a :class:`LoraConfig`.
       ValueError: a target matches no adaptable layer (the message lists the adaptable paths), a
-        targeted layer is of an unsupported kind (e.g. ``nnx.Embed``), or a rank exceeds
+        target is already adapted, a targeted layer is of an unsupported kind (e.g. ``nnx.Embed``), or a rank exceeds
         ``min(m, n)`` of its weight (the message names the path).
     """
+    check_module(model, "model", "apply_lora", "apply_lora(model, config, rngs=...)")
+    check_config(config, "apply_lora")
     chosen: list[tuple[tuple, nnx.Module]] = []
     unsupported: list[str] = []
     inside_lora = {_path_str(p) for p, m in _iter(model) if isinstance(m, LoRALayer)}
@@ -330,9 +334,14 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.
         ps = _path_str(path)
         if not path or not config.matches(ps):
             continue
+        if isinstance(m, LoRALayer) or (isinstance(m, _ADAPTABLE) and _path_str(path[:-1]) in inside_lora):
+            at = ps if isinstance(m, LoRALayer) else _path_str(path[:-1])
+            raise ValueError(
+                f"LoRA target {at!r} is already adapted (it is a LoRALayer; {ps!r} matched the targets "
+                f"{config.targets!r}). apply_lora adapts a layer once: to change its rank or config, rebuild "
+                "the model, or merge_and_unwrap it first."
+            )
         if isinstance(m, _ADAPTABLE):
-            if _path_str(path[:-1]) in inside_lora:
-                raise ValueError(f"LoRA target {ps!r} is already adapted (it is the base of a LoRALayer).")
             chosen.append((path, m))
         elif isinstance(m, _UNSUPPORTED):
             unsupported.append(f"{ps} ({type(m).__name__})")

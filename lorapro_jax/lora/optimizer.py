@@ -6,6 +6,8 @@ import jax
 import optax
 from flax import nnx
 
+from ..errors import check_module, check_tx
+
 __all__ = ["LoraOptimizer"]
 
 
@@ -26,6 +28,11 @@ class LoraOptimizer(nnx.Optimizer):
         optimizer = lp.LoraOptimizer(model, optax.adamw(1e-3), wrt=lp.LoRAParam)
         optimizer.update(model, grads)
     """
+
+    def __init__(self, model, tx, **kwargs):
+        check_module(model, "model", "LoraOptimizer", "LoraOptimizer(model, tx, wrt=...)")
+        check_tx(tx, "LoraOptimizer")
+        super().__init__(model, tx, **kwargs)
 
     def update(self, model, grads, /, **kwargs):  # same contract as nnx.Optimizer.update
         """Updates the optimizer state and the parameters of ``model`` selected by ``wrt``; returns the updates."""

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ..errors import check_module, check_tx
 from ..lora.nnx_lora import LoRAParam
 from ..sharding import (
     DATA_AXIS,
@@ -74,6 +75,9 @@ def shard_for_training(
       and the :class:`TrainState` of their ``PartitionSpec`` trees. The optimizer state is created by
       one ``jit`` with ``out_shardings``, so no device ever holds a full LoRA-Pro moment.
     """
+    sig = "shard_for_training(model, tx, mesh, rules)"
+    check_module(model, "model", "shard_for_training", sig)
+    check_tx(tx, "shard_for_training")
     if specs is None:
         specs = lora_partition_specs(model, rules)
     lspec, fspec = nnx.split_state(specs, wrt, ...)
@@ -121,6 +125,9 @@ def make_train_step(
       has exactly the shardings of ``state_specs``. ``step.jitted`` is the ``jax.jit`` object, e.g.
       for ``step.jitted.lower(state, batch).compile().as_text()`` (inside ``jax.set_mesh(mesh)``).
     """
+    check_tx(tx, "make_train_step")
+    if not callable(loss_fn):
+        raise TypeError(f"make_train_step: `loss_fn` must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
     shard = lambda specs: named_shardings(specs, mesh)
     state_sh = TrainState(*(shard(s) for s in state_specs))
     batch_sh = shard(batch_specs)

@@ -46,6 +46,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from ..errors import check_config, check_module
 from ..lora.config import LoraConfig
 from ..lora.nnx_lora import apply_lora
 from ..lora.pairing import LoraPair
@@ -81,6 +82,8 @@ def apply_alora(model: nnx.Module, config: LoraConfig, *, max_rank: int, rngs: n
     The budget is LoRA's (``config.rank`` per module) and the scale is ``config.scale_for(config.rank)``,
     so the model starts as exactly the rank-``config.rank`` LoRA model (masked slots have zero factors).
     """
+    check_module(model, "model", "apply_alora", "apply_alora(model, config, max_rank=..., rngs=...)")
+    check_config(config, "apply_alora")
     if max_rank < config.rank:
         raise ValueError(f"apply_alora: max_rank={max_rank} must be >= config.rank={config.rank}.")
     if config.rank_overrides:

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float
 
+from ..errors import check_config, check_module
 from ..lora.config import LoraConfig
 from ..lora.nnx_lora import LoRALayer, adaptable_paths, apply_lora, lora_layers
 from ..lora.pairing import LoraPair
@@ -177,6 +178,8 @@ def prilora_config(
     per-layer rank (then call :func:`~lorapro_jax.rank.masks.set_active_ranks` after ``apply_lora``, or
     use :func:`apply_prilora`, which does both).
     """
+    check_module(model, "model", "prilora_config", "prilora_config(model, config, ...)")
+    check_config(config, "prilora_config")
     if config.rank_overrides:
         raise ValueError("prilora_config: config.rank_overrides must be empty; PRILoRA sets the per-layer ranks.")
     paths = [p for p in adaptable_paths(model) if config.matches(p)]
