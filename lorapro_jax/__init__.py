@@ -58,6 +58,9 @@ from .rank import (
     prilora_rank_schedule,
 )
 from .errors import CorruptFileError  # issue 10: bad files name the file
+# Foreign trees (qwix, flax nnx.LoRA, any tree with A and B as separate leaves): issue 9.
+from .lora import Pairing, PairPlan, name_pairing, nnx_lora_pairing, qwix_pairing
+from .optim import PairedState, paired
 from .sharding import lora_partition_specs, optimizer_state_specs, shard_optimizer, tensor_parallel_rules
 
 import importlib as _importlib

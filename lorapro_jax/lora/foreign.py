@@ -1,0 +1,299 @@
+"""Pairings: finding the (A, B, scale) triples of a parameter tree that holds A and B as separate leaves.
+
+lorapro_jax's own layers keep each adapter as one :class:`~lorapro_jax.LoraPair`. Other LoRA
+implementations (qwix, flax's ``nnx.LoRA``, PEFT-style name conventions) keep ``A`` and ``B`` as two
+leaves of the parameter tree. A *pairing* says which leaves belong together: it turns the caller's
+tree into a :class:`PairPlan`, which packs the tree into ``LoraPair`` nodes and unpacks results back
+into the caller's structure. :func:`lorapro_jax.paired` uses it to run any LoRA-aware optax transform
+on such trees; every LoRA-aware transform stays written against ``LoraPair`` only.
+
+Paths: a leaf's path is its key path joined by ``"/"`` (dict keys and attribute names as they are,
+sequence indices as integers), e.g. ``"layers/0/attn/q/kernel_lora_a"``; ``nnx.Variable`` nodes are
+leaves. Regexes of :func:`name_pairing` are matched against these strings with ``re.search``.
+
+Layout: each pair must be in the Flax layout of :class:`~lorapro_jax.LoraPair`: ``a: (*in, r)``,
+``b: (r, *out)``; the adapted weight is ``W0 + scale * a @ b``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+
+from .pairing import LoraPair
+
+__all__ = ["Pairing", "PairPlan", "PairSpec", "name_pairing", "nnx_lora_pairing", "path_string"]
+
+Scale = float | Callable[[str], float | None]
+
+
+def _key_str(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def path_string(key_path: Sequence[Any]) -> str:
+    """``"/"``-joined names of a JAX key path (``DictKey``, ``GetAttrKey``, ``SequenceKey`` ...)."""
+    return "/".join(_key_str(k) for k in key_path)
+
+
+def _is_variable(x: Any) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.Variable)
+
+
+def _unwrap(x: Any) -> Any:
+    get = getattr(x, "get_value", None)
+    return get() if callable(get) else x
+
+
+def _flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
+    return [path_string(p) for p, _ in flat], [x for _, x in flat], treedef
+
+
+@dataclasses.dataclass(frozen=True)
+class PairSpec:
+    """One adapter found by a pairing.
+
+    Attributes:
+      name: the layer's name (unique within the plan), e.g. ``"layers/0/attn/q/kernel"``.
+      a_path, b_path: the paths of the ``A`` and ``B`` leaves.
+      a_index, b_index: their positions among the tree's leaves.
+      scale: the LoRA scale ``s``.
+      a_shape, b_shape: the factors' shapes (``(*in, r)`` and ``(r, *out)``).
+    """
+
+    name: str
+    a_path: str
+    b_path: str
+    a_index: int
+    b_index: int
+    scale: float
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PairPlan:
+    """The pairs of one tree structure, and the conversions to and from the packed form.
+
+    The packed form is ``{"pairs": {name: LoraPair}, "rest": {path: leaf}}``: one ``LoraPair`` per adapter
+    and every other leaf under its path. It is the tree the wrapped transform sees.
+    """
+
+    pairing_name: str
+    treedef: Any
+    paths: tuple[str, ...]
+    pairs: tuple[PairSpec, ...]
+    rest: tuple[int, ...]
+
+    def _leaves(self, tree: Any, what: str) -> list[Any]:
+        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_variable)
+        if treedef != self.treedef:
+            raise ValueError(
+                f"{self.pairing_name}: the {what} tree does not have the structure of the tree the pairs were found "
+                f"in ({treedef.num_leaves} leaves vs {self.treedef.num_leaves}); pass params and updates in the same "
+                "structure."
+            )
+        return leaves
+
+    def pack(self, tree: Any, what: str = "parameter") -> dict[str, dict[str, Any]]:
+        """The caller's tree as ``{"pairs": {name: LoraPair}, "rest": {path: leaf}}``."""
+        leaves = self._leaves(tree, what)
+        pairs = {s.name: LoraPair(_unwrap(leaves[s.a_index]), _unwrap(leaves[s.b_index]), s.scale) for s in self.pairs}
+        return {"pairs": pairs, "rest": {self.paths[i]: leaves[i] for i in self.rest}}
+
+    def unpack(self, packed: dict[str, dict[str, Any]]) -> Any:
+        """Inverse of :meth:`pack`: the caller's structure, from a packed tree (e.g. updates)."""
+        leaves: list[Any] = [None] * len(self.paths)
+        for s in self.pairs:
+            p = packed["pairs"][s.name]
+            leaves[s.a_index], leaves[s.b_index] = p.a, p.b
+        for i in self.rest:
+            leaves[i] = packed["rest"][self.paths[i]]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def pair_by_name(self) -> dict[str, PairSpec]:
+        return {s.name: s for s in self.pairs}
+
+
+class Pairing:
+    """Base class of pairings. Subclasses implement :meth:`match`; :meth:`plan` checks and builds the plan."""
+
+    name = "pairing"
+
+    def match(self, paths: list[str], leaves: list[Any]) -> list[tuple[str, int, int, float]]:
+        """Returns ``(layer name, a index, b index, scale)`` for every adapter among the leaves.
+
+        Raises ``ValueError`` naming the paths for an A without its B (or the reverse), and for a scale
+        it cannot determine.
+        """
+        raise NotImplementedError
+
+    def stack_ndim(self, name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
+        """Number of leading stack axes of a pair: ``a (*stack, *in, r)``, ``b (*stack, r, *out)``.
+
+        0 when ``b`` starts with the rank of ``a`` (an ordinary pair, which takes precedence); else the ``k``
+        for which ``a`` and ``b`` share their first ``k`` axes and ``b``'s axis ``k`` is the rank.
+        """
+        r = a_shape[-1] if a_shape else None
+        if not b_shape or b_shape[0] == r:
+            return 0
+        for k in range(1, min(len(a_shape) - 1, len(b_shape) - 1)):
+            if a_shape[:k] == b_shape[:k] and b_shape[k] == r:
+                return k
+        return 0
+
+    def plan(self, tree: Any) -> PairPlan:
+        """Finds the pairs of ``tree`` (any pytree; ``nnx.State`` included). Static: uses paths and shapes only."""
+        paths, leaves, treedef = _flatten(tree)
+        found = self.match(paths, leaves)
+        if not found:
+            shown = paths[:12] + (["..."] if len(paths) > 12 else [])
+            raise ValueError(f"{self.name} found no LoRA pair in a tree with leaves {shown}.")
+        specs, used = [], set()
+        for name, ai, bi, scale in found:
+            a_shape, b_shape = tuple(_shape(leaves[ai], paths[ai])), tuple(_shape(leaves[bi], paths[bi]))
+            _check_shapes(self, name, paths[ai], paths[bi], a_shape, b_shape)
+            specs.append(PairSpec(name, paths[ai], paths[bi], ai, bi, float(scale), a_shape, b_shape))
+            used.update((ai, bi))
+        rest = tuple(i for i in range(len(paths)) if i not in used)
+        return PairPlan(self.name, treedef, tuple(paths), tuple(specs), rest)
+
+
+def _shape(x: Any, path: str) -> tuple[int, ...]:
+    x = _unwrap(x)
+    if not hasattr(x, "shape"):
+        raise ValueError(f"LoRA factor at {path} is {type(x).__name__}, not an array.")
+    return tuple(x.shape)
+
+
+def _check_shapes(pairing: Pairing, name: str, a_path: str, b_path: str, a_shape, b_shape) -> None:
+    k = pairing.stack_ndim(name, a_shape, b_shape)
+    if k:
+        raise NotImplementedError(
+            f"{pairing.name}: the factors of {name!r} ({a_path} {a_shape}, {b_path} {b_shape}) carry {k} leading "
+            "batch axes (a stack of independent adapters, e.g. a batched dot_general); stacked LoRA pairs are not "
+            "supported by this version of lorapro_jax."
+        )
+    if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[-1] != b_shape[0]:
+        raise ValueError(
+            f"{pairing.name}: the factors of {name!r} do not form a LoRA pair in the Flax layout a (*in, r), "
+            f"b (r, *out): {a_path} has shape {a_shape}, {b_path} has shape {b_shape} (the last axis of A and the "
+            "first axis of B must both be the rank)."
+        )
+
+
+def _layer_group(pattern: re.Pattern, which: str) -> str | int:
+    if "layer" in pattern.groupindex:
+        return "layer"
+    if pattern.groups >= 1:
+        return 1
+    raise ValueError(
+        f"name_pairing: the {which} pattern {pattern.pattern!r} has no group naming the layer; write e.g. "
+        r"'(?P<layer>.*)/lora_A$' (a group named 'layer', or a first group)."
+    )
+
+
+class NamePairing(Pairing):
+    """Pairs leaves by regexes on their paths; see :func:`name_pairing`."""
+
+    def __init__(self, a_pattern: str, b_pattern: str, scale: Scale, *, name: str = "name_pairing"):
+        self.a_pattern, self.b_pattern = re.compile(a_pattern), re.compile(b_pattern)
+        self._ga, self._gb = _layer_group(self.a_pattern, "A"), _layer_group(self.b_pattern, "B")
+        if not callable(scale):
+            scale = float(scale)
+            if not scale > 0:
+                raise ValueError(f"{name}: the LoRA scale must be positive, got {scale}.")
+        self.scale = scale
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"{self.name}({self.a_pattern.pattern!r}, {self.b_pattern.pattern!r}, {self.scale!r})"
+
+    def scale_for(self, layer: str, a_path: str, a_shape: tuple[int, ...]) -> float:
+        if not callable(self.scale):
+            return self.scale
+        try:
+            s = self.scale(layer)
+        except Exception as e:  # the user's function: name the layer in the error
+            raise ValueError(f"{self.name}: the scale function failed for layer {layer!r} ({a_path}): {e!r}") from e
+        if s is None or not float(s) > 0:
+            raise ValueError(
+                f"{self.name}: cannot determine the LoRA scale of layer {layer!r} ({a_path}): the scale function "
+                f"returned {s!r}, expected a positive float."
+            )
+        return float(s)
+
+    def _collect(self, paths: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+        found: tuple[dict[str, int], dict[str, int]] = ({}, {})
+        for i, p in enumerate(paths):
+            ma, mb = self.a_pattern.search(p), self.b_pattern.search(p)
+            if ma and mb:
+                raise ValueError(f"{self.name}: the path {p} matches both the A and the B pattern ({self!r}).")
+            for side, m, g in ((0, ma, self._ga), (1, mb, self._gb)):
+                if not m:
+                    continue
+                layer = m.group(g) or ""
+                if layer in found[side]:
+                    raise ValueError(
+                        f"{self.name}: layer {layer!r} has two {'AB'[side]} factors: {paths[found[side][layer]]} "
+                        f"and {p}."
+                    )
+                found[side][layer] = i
+        return found
+
+    def match(self, paths, leaves):
+        a_of, b_of = self._collect(paths)
+        lonely = [f"A {paths[i]} (layer {k!r}) has no B" for k, i in a_of.items() if k not in b_of]
+        lonely += [f"B {paths[i]} (layer {k!r}) has no A" for k, i in b_of.items() if k not in a_of]
+        if lonely:
+            raise ValueError(f"{self.name}: unpaired LoRA factors: " + "; ".join(lonely) + ".")
+        out = []
+        for layer, ai in a_of.items():
+            a_shape = _shape(leaves[ai], paths[ai])
+            out.append((layer, ai, b_of[layer], self.scale_for(layer, paths[ai], a_shape)))
+        return out
+
+
+def name_pairing(a_pattern: str, b_pattern: str, scale: Scale) -> Pairing:
+    """A pairing by regexes on leaf paths, for any parameter tree.
+
+    Every leaf whose ``"/"``-joined path matches ``a_pattern`` (``re.search``) is an ``A`` factor, every one
+    matching ``b_pattern`` a ``B`` factor; the group named ``layer`` (or the first group) of each match names the
+    layer, and the A and B of the same layer form a pair. Factors must be in the Flax layout ``a: (*in, r)``,
+    ``b: (r, *out)`` (PEFT's torch ``lora_A.weight (r, in)`` must be transposed first).
+
+    Example::
+
+        pairing = lp.name_pairing(r"(?P<layer>.*)/lora_A$", r"(?P<layer>.*)/lora_B$", scale=2.0)
+        tx = lp.paired(lp.lora_pro_adamw(1e-3), pairing)
+
+    Args:
+      a_pattern: regex selecting the A leaves, with a group naming the layer.
+      b_pattern: regex selecting the B leaves, with a group naming the layer.
+      scale: the LoRA scale ``s`` of every pair, or a function of the layer name returning it.
+
+    Returns:
+      A :class:`Pairing`. Its plan raises ``ValueError`` naming the paths for an A without its B (or the
+      reverse), two factors of one kind for a layer, mismatched ranks, a scale function returning ``None``,
+      and a tree in which no pair is found.
+    """
+    return NamePairing(a_pattern, b_pattern, scale)
+
+
+def nnx_lora_pairing(scale: Scale = 1.0) -> Pairing:
+    """The pairing of flax's ``nnx.LoRA`` / ``nnx.LoRALinear``: leaves ``.../lora_a (in, r)``, ``.../lora_b (r, out)``.
+
+    ``nnx.LoRA`` computes ``x @ lora_a @ lora_b`` with no scaling, so the default scale is 1.0; pass the
+    scale your model applies (a float, or a function of the layer path) if it multiplies the LoRA branch.
+    The layer name of a pair is the path of its ``nnx.LoRA`` module (``""`` for a bare ``nnx.LoRA``).
+    """
+    return NamePairing(r"^(?:(?P<layer>.*)/)?lora_a$", r"^(?:(?P<layer>.*)/)?lora_b$", scale, name="nnx_lora_pairing")

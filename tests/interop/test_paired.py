@@ -1,0 +1,187 @@
+"""``lp.paired`` with ``nnx_lora_pairing`` (flax nnx.LoRALinear) and ``name_pairing`` (a plain dict) vs the native path.
+
+The reference is our own ``apply_lora`` model (one ``LoraPair`` per layer) trained by a functional optax loop;
+the foreign trees hold A and B as separate leaves. Same base weights, same non-zero A and B, same scale: after
+5 steps the factors agree to 1e-5 (fp32).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import lorapro_jax as lp
+
+from ._common import ALPHA, RANK, TXS, X, Y, factors, native_factors, native_model, train_native, train_nnx_optimizer
+from ._common import loss_fn as model_loss
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+# -- flax nnx.LoRALinear via nnx_lora_pairing ---------------------------------------------------------
+class NnxLoraNet(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.LoRALinear(6, 8, lora_rank=RANK, rngs=rngs)
+        self.head = nnx.LoRALinear(8, 3, lora_rank=RANK, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jnp.tanh(self.fc(x)))
+
+
+def _nnx_lora_twin(native) -> NnxLoraNet:
+    """nnx.LoRALinear model with the native model's base weights and factors (nnx.LoRA has scale 1)."""
+    m = NnxLoraNet(nnx.Rngs(5))
+    for name, layer in lp.lora_layers(native).items():
+        own = getattr(m, name)
+        own.kernel.set_value(layer.base.kernel.get_value())
+        own.bias.set_value(layer.base.bias.get_value())
+        a, b = factors()[name]
+        own.lora.lora_a.set_value(a)
+        own.lora.lora_b.set_value(b)
+    return m
+
+
+@pytest.mark.parametrize("name", sorted(TXS))
+def test_nnx_lora_matches_native(name):
+    native = native_model(alpha=float(RANK))  # scale 1, as nnx.LoRA computes x @ lora_a @ lora_b
+    foreign = _nnx_lora_twin(native)
+    np.testing.assert_allclose(model_loss(foreign), model_loss(native), rtol=1e-6)
+    ref_losses = train_native(native, TXS[name]())
+    losses, _ = train_nnx_optimizer(foreign, lp.paired(TXS[name](), lp.nnx_lora_pairing()))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert losses[-1] < losses[0]
+    for layer, (a, b) in native_factors(native).items():
+        np.testing.assert_allclose(np.asarray(getattr(foreign, layer).lora.lora_a.get_value()), a, **TOL)
+        np.testing.assert_allclose(np.asarray(getattr(foreign, layer).lora.lora_b.get_value()), b, **TOL)
+
+
+# -- a plain dict via name_pairing ---------------------------------------------------------------------
+SCALE = ALPHA / RANK
+
+
+def _dict_setup():
+    """Native model (LoRA on fc, head fully trained) and its functional twin on a plain dict."""
+    native = native_model(targets=("fc",))
+    fc = lp.lora_layers(native)["fc"]
+    a, b = factors()["fc"]
+    frozen = {"kernel": fc.base.kernel.get_value(), "bias": fc.base.bias.get_value()}
+    params = {
+        "fc": {"lora_A": a, "lora_B": b},
+        "head": {"kernel": native.head.kernel.get_value(), "bias": native.head.bias.get_value()},
+    }
+
+    def loss(p):
+        h = X @ frozen["kernel"] + frozen["bias"] + SCALE * (X @ p["fc"]["lora_A"]) @ p["fc"]["lora_B"]
+        out = jnp.tanh(h) @ p["head"]["kernel"] + p["head"]["bias"]
+        return jnp.mean((out - Y) ** 2)
+
+    return native, params, loss
+
+
+PAIRING = lp.name_pairing(r"(?P<layer>.*)/lora_A$", r"(?P<layer>.*)/lora_B$", lambda layer: SCALE if layer == "fc" else None)
+NATIVE_WRT = nnx.Any(lp.LoRAParam, nnx.PathContains("head"))
+
+
+def _train_dict(tx, params, loss, steps=5, state=None):
+    state = tx.init(params) if state is None else state
+
+    @jax.jit
+    def step(p, s):
+        l, g = jax.value_and_grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, l
+
+    losses = []
+    for _ in range(steps):
+        params, state, l = step(params, state)
+        losses.append(float(l))
+    return params, state, losses
+
+
+def _check_dict_vs_native(params, native):
+    a, b = native_factors(native)["fc"]
+    np.testing.assert_allclose(np.asarray(params["fc"]["lora_A"]), a, **TOL)
+    np.testing.assert_allclose(np.asarray(params["fc"]["lora_B"]), b, **TOL)
+    np.testing.assert_allclose(np.asarray(params["head"]["kernel"]), np.asarray(native.head.kernel.get_value()), **TOL)
+
+
+@pytest.mark.parametrize("name", sorted(TXS))
+def test_name_pairing_dict_matches_native(name):
+    native, params, loss = _dict_setup()
+    ref_losses = train_native(native, TXS[name](), wrt=NATIVE_WRT)
+    params, state, losses = _train_dict(lp.paired(TXS[name](), PAIRING), params, loss)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    _check_dict_vs_native(params, native)
+    assert isinstance(state, lp.PairedState)
+
+
+def test_chain_around_and_inside_paired():
+    native, params, loss = _dict_setup()
+    clip = lambda: optax.clip_by_global_norm(0.05)  # active: the raw gradient norm is larger
+    train_native(native, optax.chain(clip(), lp.scale_by_lora_pro(), optax.adam(1e-2)), wrt=NATIVE_WRT)
+    tx = optax.chain(clip(), lp.paired(lp.scale_by_lora_pro(), PAIRING), optax.adam(1e-2))
+    params, _, _ = _train_dict(tx, params, loss)
+    _check_dict_vs_native(params, native)
+
+
+def test_inject_hyperparams_both_ways():
+    native, params, loss = _dict_setup()
+    train_native(native, lp.lora_pro_adamw(3e-3, form="full"), wrt=NATIVE_WRT)
+    # 1) paired built inside the factory: the learning rate is a traced hyperparameter.
+    outer = optax.inject_hyperparams(lambda learning_rate: lp.paired(lp.lora_pro_adamw(learning_rate), PAIRING))(
+        learning_rate=1.0
+    )
+    st = outer.init(params)
+    st.hyperparams["learning_rate"] = jnp.asarray(3e-3)
+    p1, _, _ = _train_dict(outer, params, loss, state=st)
+    _check_dict_vs_native(p1, native)
+    # 2) paired around an injected transform: hyperparameters at state.inner.hyperparams.
+    inner = lp.paired(optax.inject_hyperparams(lp.lora_pro_adamw)(learning_rate=1.0), PAIRING)
+    st = inner.init(params)
+    st.inner.hyperparams["learning_rate"] = jnp.asarray(3e-3)
+    p2, _, _ = _train_dict(inner, params, loss, state=st)
+    _check_dict_vs_native(p2, native)
+
+
+def test_masked_outside_paired():
+    _, params, loss = _dict_setup()
+    g = jax.grad(loss)(params)
+    mask = {"fc": {"lora_A": True, "lora_B": True}, "head": {"kernel": False, "bias": False}}
+    tx = optax.masked(lp.paired(lp.scale_by_lora_pro(), PAIRING), mask)
+    u, _ = tx.update(g, tx.init(params), params)
+    want = lp.lora_pro_pair_update(lp.LoraPair(params["fc"]["lora_A"], params["fc"]["lora_B"], SCALE),
+                                   lp.LoraPair(g["fc"]["lora_A"], g["fc"]["lora_B"], SCALE))
+    np.testing.assert_allclose(u["fc"]["lora_A"], want.a, rtol=1e-6)
+    np.testing.assert_allclose(u["fc"]["lora_B"], want.b, rtol=1e-6)
+    np.testing.assert_array_equal(u["head"]["kernel"], g["head"]["kernel"])  # masked out: passed through
+    half = {"fc": {"lora_A": True, "lora_B": False}, "head": {"kernel": False, "bias": False}}
+    with pytest.raises(ValueError, match=r"fc/lora_A .*has no B"):
+        optax.masked(lp.paired(lp.scale_by_lora_pro(), PAIRING), half).init(params)
+
+
+def test_state_round_trips_through_orbax(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    _, params, loss = _dict_setup()
+    tx = lp.paired(lp.lora_pro_adamw(1e-2, form="efficient"), PAIRING)
+    p5, _, _ = _train_dict(tx, params, loss, steps=5)
+    p2, s2, _ = _train_dict(tx, params, loss, steps=2)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "state", s2)
+    ckpt.wait_until_finished()
+    restored = ckpt.restore(tmp_path / "state", jax.tree.map(jnp.zeros_like, s2))
+    assert jax.tree.structure(restored) == jax.tree.structure(s2)
+    p5b, _, _ = _train_dict(tx, p2, loss, steps=3, state=restored)
+    for x, y in zip(jax.tree.leaves(p5), jax.tree.leaves(p5b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_state_layout_is_per_layer():
+    _, params, _ = _dict_setup()
+    st = lp.paired(lp.lora_pro_adamw(1e-2, form="full"), PAIRING).init(params)
+    adam = st.inner[0]
+    assert adam.mu["pairs"]["fc"].shape == (6, 8)  # the full form's (n, m) moment of the fc kernel
+    assert adam.mu["rest"]["head/kernel"].shape == (8, 3)
+    st = lp.paired(lp.lora_pro_adamw(1e-2, form="efficient"), PAIRING).init(params)
+    assert set(st.inner[0][1].mu["pairs"]["fc"]) == {"a", "b"}  # pairs stored as plain dicts
