@@ -22,6 +22,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from .config import LoraConfig
+from .kernel_spec import KernelSpec, kernel_spec_for
 from .pairing import LoraPair, pair_matrices
 from ..errors import check_config, check_module
 
@@ -64,94 +65,26 @@ _ADAPTABLE = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 _UNSUPPORTED = (nnx.Embed, nnx.Conv, nnx.ConvTranspose)
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelSpec:
-    """Static description of how a base layer's kernel maps its input to its output.
-
-    Attributes:
-      kind: ``"linear"``, ``"general"`` or ``"einsum"``.
-      in_shape: kernel axes contracted with the input (``n = prod(in_shape)``).
-      out_shape: kernel axes that appear in the output (``m = prod(out_shape)``).
-      axis: for ``"general"``: the input axes contracted (as given to ``nnx.LinearGeneral``).
-      einsum: for ``"einsum"``: ``(x_spec, kernel_spec, y_spec, in_letters, out_letters)``.
-    """
-
-    kind: str
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    axis: tuple[int, ...] = ()
-    einsum: tuple[str, str, str, str, str] | None = None
-
-    @property
-    def n(self) -> int:
-        return math.prod(self.in_shape)
-
-    @property
-    def m(self) -> int:
-        return math.prod(self.out_shape)
-
-    def to_kernel(self, mat: Float[Array, "n m"]) -> Array:
-        """Reshapes an ``(n, m)`` matrix into the base kernel's shape and axis order."""
-        full = mat.reshape(self.in_shape + self.out_shape)
-        if self.kind != "einsum":
-            return full
-        _, k, _, ins, outs = self.einsum
-        return jnp.einsum(f"{ins}{outs}->{k}", full)
-
-    def from_kernel(self, kernel: Array) -> Float[Array, "n m"]:
-        """Inverse of :meth:`to_kernel`: the base kernel as an ``(n, m)`` matrix."""
-        if self.kind == "einsum":
-            _, k, _, ins, outs = self.einsum
-            kernel = jnp.einsum(f"{k}->{ins}{outs}", kernel)
-        return kernel.reshape(self.n, self.m)
-
-
 def _spec_for(path: str, module: nnx.Module) -> KernelSpec:
-    kshape = tuple(module.kernel.shape)
-    if isinstance(module, nnx.Linear):
-        return KernelSpec("linear", kshape[:1], kshape[1:])
-    if isinstance(module, nnx.LinearGeneral):
-        if module.batch_axis:
-            raise ValueError(
-                f"LoRA target {path!r}: nnx.LinearGeneral with batch_axis={dict(module.batch_axis)} is not "
-                "supported (a batched kernel has no single in x out matrix to adapt)."
-            )
-        n_in = len(module.in_features)
-        return KernelSpec("general", kshape[:n_in], kshape[n_in:], axis=tuple(module.axis))
-    if isinstance(module, nnx.Einsum):
-        eq = module.einsum_str.replace(" ", "")
-        lhs, y = eq.split("->")
-        x, k = lhs.split(",")
-        if "." in k:
-            raise ValueError(f"LoRA target {path!r}: einsum {eq!r} has an ellipsis in the kernel spec.")
-        ins = "".join(c for c in k if c in x)
-        outs = "".join(c for c in k if c in y and c not in x)
-        batch = [c for c in k if c in x and c in y]
-        summed = [c for c in k if c not in x and c not in y]
-        if batch or summed:
-            raise ValueError(
-                f"LoRA target {path!r}: einsum {eq!r} has kernel axes {batch + summed} that are shared by the "
-                "input and the output (or summed away); LoRA needs every kernel axis to be either an input "
-                "axis or an output axis."
-            )
-        if "Z" in eq:
-            raise ValueError(f"LoRA target {path!r}: einsum {eq!r} uses the letter 'Z', reserved for the rank.")
-        in_shape = tuple(kshape[k.index(c)] for c in ins)
-        out_shape = tuple(kshape[k.index(c)] for c in outs)
-        return KernelSpec("einsum", in_shape, out_shape, einsum=(x, k, y, ins, outs))
-    raise TypeError(f"LoRA target {path!r}: unsupported module type {type(module).__name__}.")
+    return kernel_spec_for(path, module)
 
 
 class LoRALayer(nnx.Module):
     """A base layer plus a LoRA branch: ``y = base(x) + s * ((drop(x) @ (a * a_mask)) * gate) @ b``.
 
+    Stacked layers (a base kernel with leading ``nnx.vmap`` layer axes, or a ``LinearGeneral`` / ``Einsum``
+    with batch axes, see :mod:`lorapro_jax.lora.kernel_spec`) carry one independent adapter per slice:
+    every array below gains the leading ``stack = (*layers, *batch)`` axes. Inside ``nnx.scan`` the layer
+    axes are sliced away and the same module reads as an unstacked one.
+
     Attributes:
       base: the wrapped ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` (its kernel stays frozen
         when training with ``wrt=LoRAParam``).
-      lora: :class:`LoRAParam` holding ``LoraPair(a: (*in_shape, r), b: (r, *out_shape), scale)``.
-      gate: :class:`LoRAGate` ``(r,)``, ones by default.
+      lora: :class:`LoRAParam` holding ``LoraPair(a: (*stack, *in_shape, r), b: (*stack, r, *out_shape),
+        scale)`` (``in_ndim`` set when ``stack`` is non-empty).
+      gate: :class:`LoRAGate` ``(*stack, r)``, ones by default.
       a_mask: optional :class:`LoRAMask` with the shape of ``a``.
-      input_norm: optional :class:`LoRAStat` ``(*in_shape,)``: EMA of per-feature input L2 norms.
+      input_norm: optional :class:`LoRAStat` ``(*stack, *in_shape)``: EMA of per-feature input L2 norms.
       spec: the static :class:`KernelSpec` of the base kernel.
       merged: whether ``s * a @ b`` has been added into the base kernel (then the branch is skipped).
     """
@@ -181,21 +114,28 @@ class LoRALayer(nnx.Module):
         self.base = base
         self.spec = spec
         self.path = path
+        stack = tuple(spec.layer_shape) + tuple(spec.batch_shape)
         key = rngs.params()
         if init == "kaiming":
             bound = 1.0 / math.sqrt(n)
-            a = jax.random.uniform(key, spec.in_shape + (rank,), param_dtype, -bound, bound)
+            a = jax.random.uniform(key, stack + spec.in_shape + (rank,), param_dtype, -bound, bound)
         elif init == "gaussian":
-            a = jax.random.normal(key, spec.in_shape + (rank,), param_dtype) / rank
+            a = jax.random.normal(key, stack + spec.in_shape + (rank,), param_dtype) / rank
         else:
             raise ValueError(f"unknown LoRA init {init!r} for {path!r}")
-        b = jnp.zeros((rank,) + spec.out_shape, param_dtype)
-        self.lora = LoRAParam(LoraPair(a, b, float(scale)))
-        self.gate = LoRAGate(jnp.ones((rank,), param_dtype))
+        b = jnp.zeros(stack + (rank,) + spec.out_shape, param_dtype)
+        self.lora = LoRAParam(LoraPair(a, b, float(scale), in_ndim=len(spec.in_shape) if stack else None))
+        self.gate = LoRAGate(jnp.ones(stack + (rank,), param_dtype))
         self.a_mask = LoRAMask(jnp.ones_like(a)) if a_mask else None
-        self.input_norm = LoRAStat(jnp.zeros(spec.in_shape, jnp.float32)) if track_input_norm else None
+        self.input_norm = LoRAStat(jnp.zeros(stack + spec.in_shape, jnp.float32)) if track_input_norm else None
         self.input_norm_decay = float(input_norm_decay)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        if dropout > 0:
+            # One dropout stream per layer slice, so nnx.scan can slice it like the weights.
+            self.dropout = nnx.Dropout(dropout, rngs=rngs)
+            if spec.layer_shape:
+                self.dropout.rngs = rngs["dropout"].split(tuple(spec.layer_shape))
+        else:
+            self.dropout = None
         self.merged = False
         self.deterministic = False
 
@@ -204,14 +144,23 @@ class LoRALayer(nnx.Module):
     def pair(self) -> LoraPair:
         return self.lora.get_value()
 
+    @property
+    def layer_ndim(self) -> int:
+        """Number of ``nnx.vmap`` layer axes present now (0 on the slice ``nnx.scan`` hands a layer)."""
+        return self.pair.stack_ndim - len(self.spec.batch_shape)
+
+    def _gate_like_a(self, gate: Array, pair: LoraPair) -> Array:
+        """``gate (*stack, r)`` broadcastable against ``a (*stack, *in, r)``."""
+        return gate.reshape(gate.shape[:-1] + (1,) * len(pair.in_shape) + gate.shape[-1:])
+
     def effective_pair(self) -> LoraPair:
         """The pair with the mask and gate folded in: ``a * a_mask * gate``, ``b`` (same scale)."""
         p = self.pair
         a = p.a if self.a_mask is None else p.a * self.a_mask[...]
-        return p.replace(a=a * self.gate[...])
+        return p.replace(a=a * self._gate_like_a(self.gate[...], p))
 
     def delta_kernel(self) -> Array:
-        """``s * (a * a_mask * gate) @ b`` in the base kernel's shape and axis order (fp32 math)."""
+        """``s * (a * a_mask * gate) @ b`` in the base kernel's shape and axis order (fp32 math), per slice."""
         p = self.effective_pair()
         a2, b2 = pair_matrices(p)
         mat = p.scale * (a2.astype(jnp.float32) @ b2.astype(jnp.float32))
@@ -225,44 +174,54 @@ class LoRALayer(nnx.Module):
         dtype = x.dtype
         a, b, gate = a.astype(dtype), p.b.astype(dtype), gate.astype(dtype)
         spec = self.spec
+        nb = len(spec.batch_shape)
         if spec.kind == "linear":
             h = x @ a
             return p.scale * ((h * gate) @ b)
         if spec.kind == "general":
             axes = tuple(ax % x.ndim for ax in spec.axis)
-            h = jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))))
-            return p.scale * jnp.tensordot(h * gate, b, axes=1)
+            if not nb:
+                h = jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))))
+                return p.scale * jnp.tensordot(h * gate, b, axes=1)
+            bat = tuple(range(nb))  # LinearGeneral's batch axes are the leading input axes
+            h = jax.lax.dot_general(x, a, ((axes, tuple(range(nb, nb + len(axes)))), (bat, bat)))
+            h = h * gate.reshape(gate.shape[:-1] + (1,) * (h.ndim - nb - 1) + gate.shape[-1:])
+            return p.scale * jax.lax.dot_general(h, b, (((h.ndim - 1,), (nb,)), (bat, bat)))
         xs, _, ys, ins, outs = spec.einsum
+        bl = spec.batch_letters
         rest = "".join(c for c in xs if c in ys or c == ".")
-        h = jnp.einsum(f"{xs},{ins}Z->{rest}Z", x, a)
-        return p.scale * jnp.einsum(f"{rest}Z,Z{outs}->{ys}", h * gate, b)
+        h = jnp.einsum(f"{xs},{bl}{ins}Z->{rest}Z", x, a)
+        h = jnp.einsum(f"{rest}Z,{bl}Z->{rest}Z", h, gate) if bl else h * gate
+        return p.scale * jnp.einsum(f"{rest}Z,{bl}Z{outs}->{ys}", h, b)
 
     def _track_input_norm(self, x: Array) -> None:
         spec = self.spec
+        nb = len(spec.batch_shape)
         if spec.kind == "linear":
             axes = tuple(range(x.ndim - 1))
         elif spec.kind == "general":
-            contracted = {ax % x.ndim for ax in spec.axis}
-            axes = tuple(i for i in range(x.ndim) if i not in contracted)
+            kept = {ax % x.ndim for ax in spec.axis} | set(range(nb))
+            axes = tuple(i for i in range(x.ndim) if i not in kept)
         else:
             xs, _, _, ins, _ = spec.einsum
-            if "." in xs:  # leading ellipsis: reduce every leading axis
-                n_named = len(xs.replace(".", ""))
-                lead = x.ndim - n_named
-                named = xs.replace(".", "")
-                axes = tuple(range(lead)) + tuple(lead + i for i, c in enumerate(named) if c not in ins)
-                order = [c for c in named if c in ins]
-            else:
-                axes = tuple(i for i, c in enumerate(xs) if c not in ins)
-                order = [c for c in xs if c in ins]
+            keep = ins + spec.batch_letters
+            named = xs.replace(".", "")
+            lead = x.ndim - len(named)  # leading ellipsis axes (0 without one): always reduced
+            axes = tuple(range(lead)) + tuple(lead + i for i, c in enumerate(named) if c not in keep)
+            order = [c for c in named if c in keep]
         norms = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes))
         if spec.kind == "einsum":
-            perm = [order.index(c) for c in spec.einsum[3]]
+            perm = [order.index(c) for c in spec.batch_letters + spec.einsum[3]]
             norms = jnp.transpose(norms, perm)
         d = self.input_norm_decay
-        self.input_norm[...] = d * self.input_norm[...] + (1.0 - d) * norms.reshape(spec.in_shape)
+        self.input_norm[...] = d * self.input_norm[...] + (1.0 - d) * norms.reshape(spec.batch_shape + spec.in_shape)
 
     def __call__(self, x: Array, *args, **kwargs) -> Array:
+        if self.layer_ndim:
+            raise ValueError(
+                f"LoRA layer {self.path!r} is stacked over layer axes {self.pair.stack_shape[: self.layer_ndim]} "
+                f"(kernel {tuple(self.base.kernel.shape)}); call it on one slice, inside nnx.scan or nnx.vmap."
+            )
         y = self.base(x, *args, **kwargs)
         if self.merged:
             return y
