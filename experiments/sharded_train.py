@@ -147,7 +147,7 @@ def _relerr(x, y) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     mesh = sh.make_mesh(data=args.data, model=args.model, axis_types=args.axis_types)
-    tx = lp.lora_pro_adamw(args.lr, weight_decay=args.weight_decay, form="full", check_finite_grads=False)
+    tx = lp.lora_pro_adamw(args.lr, weight_decay=args.weight_decay, form="full", on_nonfinite="ignore")
     model, rules, vocab, seq, classes = build_model(args.arch, args.rank, args.seed)
     if args.fsdp:
         if args.arch != "tiny":

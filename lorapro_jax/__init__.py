@@ -47,6 +47,14 @@ from .optim import (
     solve_sylvester_psd,
 )
 from .optim import lora_plus, lora_plus_adamw, scale_by_lora_plus
+from .optim import (  # on_nonfinite="raise" | "skip" | "ignore" (issue 10)
+    NonFiniteError,
+    SkipNonfiniteState,
+    guard_nonfinite,
+    nonfinite_error,
+    nonfinite_skips,
+    unwrap_nonfinite_errors,
+)
 from .init import apply_lora_ga, estimate_full_gradients, lora_ga_export, lora_ga_init
 from .rank import (
     ablation_importance,

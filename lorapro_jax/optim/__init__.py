@@ -17,3 +17,11 @@ from .lora_pro import (
 from .lean import LeanMoments, ScaleByLoraProLeanState, scale_by_lora_pro_lean, truncated_sum
 from .lora_plus import lora_plus, lora_plus_adamw, scale_by_lora_plus
 from .paired import PairedState, paired
+from .nonfinite import (
+    NonFiniteError,
+    SkipNonfiniteState,
+    guard_nonfinite,
+    nonfinite_error,
+    nonfinite_skips,
+    unwrap_nonfinite_errors,
+)

@@ -38,7 +38,8 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from ..lora.pairing import LoraPair, pair_matrices
-from ._tree import Packed, check_finite, map_pairs, require_params, unzip_packed
+from ._tree import Packed, map_pairs, require_params, unzip_packed
+from .nonfinite import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonfiniteMode, guard_nonfinite, resolve_on_nonfinite
 from .closed_form import XMode, bias_correction, check_pair, check_x_mode, closed_form, grams
 
 __all__ = ["LeanMoments", "ScaleByLoraProLeanState", "scale_by_lora_pro_lean", "truncated_sum"]
@@ -103,7 +104,9 @@ def scale_by_lora_pro_lean(
     delta: float = 1e-8,
     x_mode: XMode = "sylvester",
     eps_row: float = 1e-30,
-    check_finite_grads: bool = True,
+    check_finite_grads: bool | None = None,
+    on_nonfinite: NonfiniteMode = "raise",
+    max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
 ) -> optax.GradientTransformation:
     """LoRA-Pro AdamW direction from factored moments (see the module docstring).
 
@@ -112,13 +115,14 @@ def scale_by_lora_pro_lean(
       rank: rank ``k`` of the first-moment factorisation; default ``2 r`` of each pair.
       delta, x_mode: see :func:`lorapro_jax.lora_pro_gradients`.
       eps_row: added to the row/column sums before the division (Adafactor's ``ε₁``).
-      check_finite_grads: raise on NaN/inf gradients, naming their paths.
+      check_finite_grads, on_nonfinite, max_consecutive_skips: see :func:`lorapro_jax.scale_by_lora_pro`.
 
     Returns:
       An ``optax.GradientTransformation`` with a :class:`ScaleByLoraProLeanState`; non-LoRA leaves get
       plain Adam.
     """
     check_x_mode(x_mode)
+    mode = resolve_on_nonfinite(on_nonfinite, check_finite_grads, "scale_by_lora_pro_lean")
 
     def _k(p: LoraPair) -> int:
         k = rank if rank is not None else 2 * p.rank
@@ -140,8 +144,6 @@ def scale_by_lora_pro_lean(
 
     def update_fn(updates, state, params=None):
         require_params(params, "scale_by_lora_pro_lean")
-        if check_finite_grads:
-            check_finite(updates, "scale_by_lora_pro_lean")
         count = optax.safe_increment(state.count)
 
         def on_pair(path, u, p, mom):
@@ -189,4 +191,5 @@ def scale_by_lora_pro_lean(
         new_updates, new_moments = unzip_packed(packed, 2)
         return new_updates, ScaleByLoraProLeanState(count, new_moments)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return guard_nonfinite(tx, mode, max_consecutive_skips=max_consecutive_skips, name="scale_by_lora_pro_lean")

@@ -31,7 +31,8 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from ..lora.pairing import pair_matrices
-from ._tree import Packed, check_finite, map_pairs, require_params, unzip_packed
+from ._tree import Packed, map_pairs, require_params, unzip_packed
+from .nonfinite import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonfiniteMode, guard_nonfinite, resolve_on_nonfinite
 from .closed_form import (
     XMode,
     bias_correction,
@@ -65,7 +66,12 @@ _FORMS = ("full", "efficient", "lean")
 
 
 def scale_by_lora_pro(
-    delta: float = 1e-8, x_mode: XMode = "sylvester", check_finite_grads: bool = True
+    delta: float = 1e-8,
+    x_mode: XMode = "sylvester",
+    check_finite_grads: bool | None = None,
+    *,
+    on_nonfinite: NonfiniteMode = "raise",
+    max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
 ) -> optax.GradientTransformation:
     """LoRA-Pro, SGD form: rewrites every LoRA pair's gradients ``(g_A, g_B)`` into ``(ĝ_A, ĝ_B)``.
 
@@ -76,13 +82,18 @@ def scale_by_lora_pro(
     Args:
       delta: damping of ``(BᵀB + δI)⁻¹`` and ``(AAᵀ + δI)⁻¹``.
       x_mode: ``"sylvester"`` | ``"zero"`` | ``"symmetry"`` (see :func:`lora_pro_gradients`).
-      check_finite_grads: raise ``FloatingPointError`` naming the parameter paths when an incoming
-        gradient is NaN/inf (one host callback per step; disable on hot TPU loops if you must).
+      check_finite_grads: deprecated; ``True`` is ``on_nonfinite="raise"``, ``False`` is ``"ignore"``.
+      on_nonfinite: ``"raise"`` (:class:`~lorapro_jax.NonFiniteError` naming the parameter paths when
+        a gradient or the update is NaN/inf), ``"skip"`` (zero updates on such a step, counted; inside a
+        chain the later stages still run: guard the whole chain with :func:`~lorapro_jax.guard_nonfinite`
+        or use :func:`lora_pro_sgd`) or ``"ignore"``. See :mod:`lorapro_jax.optim.nonfinite`.
+      max_consecutive_skips: with ``"skip"``, raise after more than this many non-finite steps in a row.
 
     Returns:
       An ``optax.GradientTransformation`` with an empty state.
     """
     check_x_mode(x_mode)
+    mode = resolve_on_nonfinite(on_nonfinite, check_finite_grads, "scale_by_lora_pro")
 
     def init_fn(params):
         del params
@@ -90,8 +101,6 @@ def scale_by_lora_pro(
 
     def update_fn(updates, state, params=None):
         require_params(params, "scale_by_lora_pro")
-        if check_finite_grads:
-            check_finite(updates, "scale_by_lora_pro")
 
         def on_pair(path, u, p):
             check_pair(path, u, p)
@@ -99,7 +108,8 @@ def scale_by_lora_pro(
 
         return map_pairs(on_pair, lambda path, u, p: u, updates, params), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return guard_nonfinite(tx, mode, max_consecutive_skips=max_consecutive_skips, name="scale_by_lora_pro")
 
 
 def lora_pro_sgd(
@@ -109,13 +119,21 @@ def lora_pro_sgd(
     *,
     delta: float = 1e-8,
     x_mode: XMode = "sylvester",
-    check_finite_grads: bool = True,
+    check_finite_grads: bool | None = None,
+    on_nonfinite: NonfiniteMode = "raise",
+    max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
 ) -> optax.GradientTransformation:
-    """LoRA-Pro with SGD (optionally with momentum): ``chain(scale_by_lora_pro, optax.sgd)``."""
-    return optax.chain(
-        scale_by_lora_pro(delta=delta, x_mode=x_mode, check_finite_grads=check_finite_grads),
+    """LoRA-Pro with SGD (optionally with momentum): ``chain(scale_by_lora_pro, optax.sgd)``.
+
+    ``on_nonfinite`` / ``max_consecutive_skips`` (see :func:`scale_by_lora_pro`) guard the whole chain:
+    a skipped step leaves the momentum and the schedule's step count as they were.
+    """
+    mode = resolve_on_nonfinite(on_nonfinite, check_finite_grads, "lora_pro_sgd")
+    tx = optax.chain(
+        scale_by_lora_pro(delta=delta, x_mode=x_mode, on_nonfinite="ignore"),
         optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     )
+    return guard_nonfinite(tx, mode, max_consecutive_skips=max_consecutive_skips, name="lora_pro_sgd")
 
 
 class ScaleByLoraProAdamState(NamedTuple):
@@ -143,7 +161,9 @@ def scale_by_lora_pro_adam(
     delta: float = 1e-8,
     x_mode: XMode = "sylvester",
     mu_dtype: Any = None,
-    check_finite_grads: bool = True,
+    check_finite_grads: bool | None = None,
+    on_nonfinite: NonfiniteMode = "raise",
+    max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
 ) -> optax.GradientTransformation:
     """LoRA-Pro, the paper's AdamW "full" form (without learning rate and weight decay).
 
@@ -160,12 +180,13 @@ def scale_by_lora_pro_adam(
       delta, x_mode: see :func:`lora_pro_gradients`.
       mu_dtype: dtype of both moments (e.g. ``jnp.bfloat16`` as the reference code); default: the
         parameter dtype.
-      check_finite_grads: see :func:`scale_by_lora_pro`.
+      check_finite_grads, on_nonfinite, max_consecutive_skips: see :func:`scale_by_lora_pro`.
 
     Returns:
       An ``optax.GradientTransformation`` with a :class:`ScaleByLoraProAdamState`.
     """
     check_x_mode(x_mode)
+    mode = resolve_on_nonfinite(on_nonfinite, check_finite_grads, "scale_by_lora_pro_adam")
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
@@ -182,8 +203,6 @@ def scale_by_lora_pro_adam(
 
     def update_fn(updates, state, params=None):
         require_params(params, "scale_by_lora_pro_adam")
-        if check_finite_grads:
-            check_finite(updates, "scale_by_lora_pro_adam")
         count = optax.safe_increment(state.count)
 
         def on_pair(path, u, p, mu, nu):
@@ -223,7 +242,8 @@ def scale_by_lora_pro_adam(
         new_updates, new_mu, new_nu = unzip_packed(packed, 3)
         return new_updates, ScaleByLoraProAdamState(count=count, mu=new_mu, nu=new_nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    tx = optax.GradientTransformation(init_fn, update_fn)
+    return guard_nonfinite(tx, mode, max_consecutive_skips=max_consecutive_skips, name="scale_by_lora_pro_adam")
 
 
 class LoraProDecayState(NamedTuple):
@@ -307,7 +327,9 @@ def lora_pro_adamw(
     mu_dtype: Any = None,
     mask: Any = None,
     lean_rank: int | None = None,
-    check_finite_grads: bool = True,
+    check_finite_grads: bool | None = None,
+    on_nonfinite: NonfiniteMode = "raise",
+    max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
 ) -> optax.GradientTransformation:
     """LoRA-Pro AdamW (arXiv 2407.18242), as an optax optimizer.
 
@@ -334,33 +356,39 @@ def lora_pro_adamw(
       mu_dtype: dtype of the Adam moments.
       mask: optional weight-decay mask (pytree or callable of booleans).
       lean_rank: rank of the lean form's first moment (default ``2 r`` per pair).
-      check_finite_grads: raise on NaN/inf gradients, naming their paths.
+      check_finite_grads: deprecated, see ``on_nonfinite``.
+      on_nonfinite: ``"raise"`` | ``"skip"`` | ``"ignore"`` for steps with NaN/inf gradients or updates,
+        applied to the whole chain (a skipped step leaves moments, weight decay and schedule counts
+        as they were; see :mod:`lorapro_jax.optim.nonfinite`).
+      max_consecutive_skips: with ``"skip"``, raise after more than this many non-finite steps in a row.
 
     Returns:
       An ``optax.GradientTransformation``.
     """
     if form not in _FORMS:
         raise ValueError(f"form must be one of {_FORMS}, got {form!r}.")
+    mode = resolve_on_nonfinite(on_nonfinite, check_finite_grads, "lora_pro_adamw")
     if form == "full":
         direction = scale_by_lora_pro_adam(
-            b1, b2, eps, eps_root, delta=delta, x_mode=x_mode, mu_dtype=mu_dtype, check_finite_grads=check_finite_grads
+            b1, b2, eps, eps_root, delta=delta, x_mode=x_mode, mu_dtype=mu_dtype, on_nonfinite="ignore"
         )
     elif form == "efficient":
         direction = optax.chain(
-            scale_by_lora_pro(delta=delta, x_mode=x_mode, check_finite_grads=check_finite_grads),
+            scale_by_lora_pro(delta=delta, x_mode=x_mode, on_nonfinite="ignore"),
             optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype),
         )
     else:
         direction = scale_by_lora_pro_lean(
-            b1, b2, eps, delta=delta, x_mode=x_mode, rank=lean_rank, check_finite_grads=check_finite_grads
+            b1, b2, eps, delta=delta, x_mode=x_mode, rank=lean_rank, on_nonfinite="ignore"
         )
-    return optax.chain(
+    tx = optax.chain(
         direction,
         add_lora_pro_decayed_weights(
             weight_decay, learning_rate, pair_decay="sqrt" if form != "efficient" else "linear", mask=mask
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
+    return guard_nonfinite(tx, mode, max_consecutive_skips=max_consecutive_skips, name="lora_pro_adamw")
 
 
 def base_decay_factor(opt_state: Any) -> Float[Array, ""]:

@@ -135,7 +135,7 @@ def compare(state, ref_lora, ref_opt):
 
 
 def transformer_checks(out):
-    tx = lp.lora_pro_adamw(1e-2, weight_decay=0.1, form="full", check_finite_grads=False)
+    tx = lp.lora_pro_adamw(1e-2, weight_decay=0.1, form="full", on_nonfinite="ignore")
     batches = synthetic_batches(3, BATCH, SEQ, VOCAB, CLASSES, seed=3)
     ref_lora, ref_opt, ref_losses = single_device_run(tx, batches, jnp.float32)
     out["ref_losses"] = ref_losses
@@ -162,7 +162,7 @@ def optimizer_checks(out):
     """The LoRA-Pro full-form update alone, on (data=2, model=4), kernels 64 x 96, 96 x 64, 64 x (4, 24), r = 4."""
     n, m, r = 64, 96, 4
     out["update_dims"] = {"n": n, "m": m, "r": r}
-    tx = lp.lora_pro_adamw(1e-2, weight_decay=0.1, form="full", check_finite_grads=False)
+    tx = lp.lora_pro_adamw(1e-2, weight_decay=0.1, form="full", on_nonfinite="ignore")
     model = TwoLayer(n, m, nnx.Rngs(0))
     lp.apply_lora(model, lp.LoraConfig(rank=r, alpha=8.0, targets=["col", "row", "gen"]), rngs=nnx.Rngs(1))
     key = jax.random.key(5)

@@ -67,7 +67,7 @@ def flat(tree) -> dict[str, np.ndarray]:
 
 
 def main():
-    tx = lp.lora_pro_adamw(1e-2, weight_decay=0.1, form="full", check_finite_grads=False)
+    tx = lp.lora_pro_adamw(1e-2, weight_decay=0.1, form="full", on_nonfinite="ignore")
     batches = synthetic_batches(3, BATCH, SEQ, VOCAB, CLASSES, seed=11)  # identical in every process
     out: dict[str, np.ndarray] = {}
     if MODE == "worker":
