@@ -1,0 +1,119 @@
+"""qwix LoRA / QLoRA trained by LoRA-Pro through ``lp.paired(tx, lp.qwix_pairing(provider))``.
+
+The same small NNX net adapted by qwix and by our ``apply_lora`` (same base weights, same non-zero A and B, same
+scale ``alpha / rank``) follows the same 5-step trajectory under every LoRA-Pro form, to 1e-5 in fp32.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lorapro_jax as lp
+
+from ._common import ALPHA, RANK, TXS, X, Net, factors, native_factors, native_model, train_native, train_nnx_optimizer
+from ._common import loss_fn as model_loss
+
+qwix = pytest.importorskip("qwix")
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def qwix_model(provider=None, weight_qtype=None):
+    """``Net`` (same base weights as :func:`native_model`) adapted by qwix, with the factors of :func:`factors`."""
+    provider = provider or qwix.LoraProvider(module_path="fc|head", rank=RANK, alpha=ALPHA, weight_qtype=weight_qtype)
+    model = qwix.apply_lora_to_model(Net(nnx.Rngs(0)), provider, X, rngs=nnx.Rngs(1))
+    for name, (a, b) in factors().items():
+        getattr(model, name).kernel_lora_a.set_value(a)
+        getattr(model, name).kernel_lora_b.set_value(b)
+    return model, provider
+
+
+def test_qwix_layout_is_the_flax_layout():
+    model, provider = qwix_model()
+    plan = lp.qwix_pairing(provider).plan(nnx.state(model, nnx.LoRAParam))
+    got = {s.name: (s.a_path, s.b_path, s.scale, s.a_shape, s.b_shape) for s in plan.pairs}
+    assert got == {
+        "fc/kernel": ("fc/kernel_lora_a", "fc/kernel_lora_b", ALPHA / RANK, (6, RANK), (RANK, 8)),
+        "head/kernel": ("head/kernel_lora_a", "head/kernel_lora_b", ALPHA / RANK, (8, RANK), (RANK, 3)),
+    }
+    np.testing.assert_allclose(model_loss(model), model_loss(native_model()), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(TXS))
+def test_qwix_matches_native(name):
+    native = native_model()
+    model, provider = qwix_model()
+    ref_losses = train_native(native, TXS[name]())
+    losses, opt = train_nnx_optimizer(model, lp.paired(TXS[name](), lp.qwix_pairing(provider)))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert losses[-1] < losses[0]
+    for layer, (a, b) in native_factors(native).items():
+        np.testing.assert_allclose(np.asarray(getattr(model, layer).kernel_lora_a.get_value()), a, **TOL)
+        np.testing.assert_allclose(np.asarray(getattr(model, layer).kernel_lora_b.get_value()), b, **TOL)
+    assert int(opt.step[...]) == 5
+
+
+class EinsumNet(nnx.Module):
+    def __init__(self, rngs):
+        self.proj = nnx.Einsum("bd,dnh->bnh", (6, 2, 4), rngs=rngs)
+
+    def __call__(self, x):
+        return jnp.tanh(self.proj(x)).sum(-1)
+
+
+def test_qwix_einsum_factors_match_native():
+    """qwix's einsum factors a (d, r), b (r, n, h) are our LoraPair layout for an nnx.Einsum kernel (d, n, h)."""
+    y = jax.random.normal(jax.random.key(9), (16, 2))
+    loss = lambda m: jnp.mean((m(X) - y) ** 2)
+    provider = qwix.LoraProvider(module_path="proj", rank=RANK, alpha=ALPHA)
+    q = qwix.apply_lora_to_model(EinsumNet(nnx.Rngs(0)), provider, X, rngs=nnx.Rngs(1))
+    nat = lp.apply_lora(EinsumNet(nnx.Rngs(0)), lp.LoraConfig(rank=RANK, alpha=ALPHA, targets=["proj"]), rngs=nnx.Rngs(1))
+    assert q.proj.kernel_lora_a.get_value().shape == (6, RANK) and q.proj.kernel_lora_b.get_value().shape == (RANK, 2, 4)
+    k = jax.random.split(jax.random.key(4))
+    a, b = 0.4 * jax.random.normal(k[0], (6, RANK)), 0.3 * jax.random.normal(k[1], (RANK, 2, 4))
+    q.proj.kernel_lora_a.set_value(a)
+    q.proj.kernel_lora_b.set_value(b)
+    nat.proj.lora.set_value(nat.proj.lora.get_value().replace(a=a, b=b))
+
+    def run(model, tx, wrt):
+        opt = nnx.Optimizer(model, tx, wrt=wrt) if wrt is nnx.LoRAParam else lp.LoraOptimizer(model, tx, wrt=wrt)
+        step = nnx.jit(lambda m, o: o.update(m, nnx.grad(loss, argnums=nnx.DiffState(0, wrt))(m)))
+        for _ in range(5):
+            step(model, opt)
+
+    run(nat, lp.lora_pro_adamw(1e-2, form="full"), lp.LoRAParam)
+    run(q, lp.paired(lp.lora_pro_adamw(1e-2, form="full"), lp.qwix_pairing(provider)), nnx.LoRAParam)
+    np.testing.assert_allclose(q.proj.kernel_lora_a.get_value(), nat.proj.lora.get_value().a, **TOL)
+    np.testing.assert_allclose(q.proj.kernel_lora_b.get_value(), nat.proj.lora.get_value().b, **TOL)
+
+
+def test_qlora_int8_base_trains_with_lora_pro():
+    """QLoRA: qwix int8 weight-only base (frozen, quantized) + qwix LoRA + LoRA-Pro AdamW; the loss falls."""
+    provider = qwix.LoraProvider(module_path="fc|head", rank=RANK, alpha=ALPHA, weight_qtype="int8")
+    model = qwix.apply_lora_to_model(Net(nnx.Rngs(0)), provider, X, rngs=nnx.Rngs(1))
+    base = nnx.as_pure(nnx.state(model, nnx.Not(nnx.LoRAParam)))
+    assert jax.tree.leaves(base["fc"]["kernel"])[0].dtype == jnp.int8  # the base kernel is stored as int8
+    losses, _ = train_nnx_optimizer(model, lp.paired(lp.lora_pro_adamw(2e-2, form="full"), lp.qwix_pairing(provider)), steps=30)
+    assert losses[-1] < 0.8 * losses[0], losses
+    after = nnx.as_pure(nnx.state(model, nnx.Not(nnx.LoRAParam)))
+    jax.tree.map(np.testing.assert_array_equal, after, base)  # base untouched
+
+
+def test_qwix_errors_name_paths():
+    model, provider = qwix_model()
+    st = nnx.as_pure(nnx.state(model, nnx.LoRAParam))
+    other = qwix.LoraProvider(module_path="head", rank=RANK, alpha=ALPHA)
+    with pytest.raises(ValueError, match=r"fc/kernel_lora_a.*no LoraRule.*'fc'"):
+        lp.qwix_pairing(other).plan(st)
+    wrong_rank = qwix.LoraProvider(module_path=".*", rank=4, alpha=ALPHA)
+    with pytest.raises(ValueError, match=r"fc/kernel_lora_a: its rank is 2 .*rank\(s\) \[4\]"):
+        lp.qwix_pairing(wrong_rank).plan(st)
+    del st["head"]["kernel_lora_b"]
+    with pytest.raises(ValueError, match=r"head/kernel_lora_a \(layer 'head/kernel'\) has no B"):
+        lp.qwix_pairing(provider).plan(st)
+    with pytest.raises(ValueError, match="no LoRA pair"):
+        lp.qwix_pairing(provider).plan(nnx.as_pure(nnx.state(Net(nnx.Rngs(0)))))
+    with pytest.raises(ValueError, match="no LoraRule"):
+        lp.qwix_pairing(qwix.PtqProvider([qwix.QuantizationRule(module_path=".*", weight_qtype="int8")]))
