@@ -25,3 +25,10 @@ def test_readme_e2e_example_runs(capsys):
 @pytest.mark.parametrize("name", ["lora-ga", "rank", "scan"])
 def test_readme_feature_examples_run(name):
     exec(compile(_block(name), "README.md", "exec"), {"__name__": f"readme_{name}"})
+
+
+def test_readme_qwix_example_runs(capsys):
+    pytest.importorskip("qwix")  # the .[interop] extra (installed by .ci/run)
+    exec(compile(_block("qwix"), "README.md", "exec"), {"__name__": "readme_qwix"})
+    out = capsys.readouterr().out
+    assert "qwix QLoRA + LoRA-Pro: loss" in out, out

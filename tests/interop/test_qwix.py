@@ -117,3 +117,17 @@ def test_qwix_errors_name_paths():
         lp.qwix_pairing(provider).plan(nnx.as_pure(nnx.state(Net(nnx.Rngs(0)))))
     with pytest.raises(ValueError, match="no LoraRule"):
         lp.qwix_pairing(qwix.PtqProvider([qwix.QuantizationRule(module_path=".*", weight_qtype="int8")]))
+
+
+@pytest.mark.slow
+def test_qlora_example_script_trains():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "examples" / "qlora_qwix_example.py"
+    spec = importlib.util.spec_from_file_location("qlora_qwix_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    results = mod.main(["--steps", "60"])
+    for name, (before, after) in results.items():
+        assert after < 0.7 * before, (name, before, after)
