@@ -30,6 +30,7 @@ about LoRA's own Adam state (``2·r·(n + m)``).
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -37,10 +38,10 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int
 
-from ..lora.pairing import LoraPair, pair_matrices
+from ._grouping import PairRecord, map_groups, pair_mats, pair_update, stack
 from ._tree import Packed, map_pairs, require_params, unzip_packed
+from .closed_form import XMode, bias_correction, check_x_mode, closed_form, grams
 from .nonfinite import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonfiniteMode, guard_nonfinite, resolve_on_nonfinite
-from .closed_form import XMode, bias_correction, check_pair, check_x_mode, closed_form, grams
 
 __all__ = ["LeanMoments", "ScaleByLoraProLeanState", "scale_by_lora_pro_lean", "truncated_sum"]
 
@@ -49,10 +50,12 @@ class LeanMoments(NamedTuple):
     """Factored Adam moments of one pair's equivalent gradient (Flax layout).
 
     Attributes:
-      left: ``(n, k)`` left factor of the first moment ``M ≈ left @ right``.
-      right: ``(k, m)`` right factor.
-      row: ``(n,)`` EMA of the row sums of ``ẽ²``.
-      col: ``(m,)`` EMA of the column sums of ``ẽ²``.
+      left: ``(*stack, n, k)`` left factor of the first moment ``M ≈ left @ right``.
+      right: ``(*stack, k, m)`` right factor.
+      row: ``(*stack, n)`` EMA of the row sums of ``ẽ²``.
+      col: ``(*stack, m)`` EMA of the column sums of ``ẽ²``.
+
+    ``stack`` are the stack axes of a stacked pair (none for an ordinary pair).
     """
 
     left: Float[Array, "n k"]
@@ -74,25 +77,69 @@ class ScaleByLoraProLeanState(NamedTuple):
 
 
 def truncated_sum(
-    l1: Float[Array, "n k1"], r1: Float[Array, "k1 m"], l2: Float[Array, "n k2"], r2: Float[Array, "k2 m"], k: int
-) -> tuple[Float[Array, "n k"], Float[Array, "k m"]]:
+    l1: Float[Array, "*batch n k1"],
+    r1: Float[Array, "*batch k1 m"],
+    l2: Float[Array, "*batch n k2"],
+    r2: Float[Array, "*batch k2 m"],
+    k: int,
+) -> tuple[Float[Array, "*batch n k"], Float[Array, "*batch k m"]]:
     """Best rank-``k`` approximation of ``l1 @ r1 + l2 @ r2`` as factors, without forming ``n x m``.
+
+    Leading batch axes are independent problems (one batched QR / SVD).
 
     QR of ``[l1, l2]`` and of ``[r1; r2]ᵀ``, SVD of the small core; singular values go to the left
     factor. Cost ``O((n + m) (k1 + k2)²)``.
     """
-    lc = jnp.concatenate([l1, l2], axis=1)  # (n, K)
-    rc = jnp.concatenate([r1, r2], axis=0)  # (K, m)
+    lc = jnp.concatenate([l1, l2], axis=-1)  # (*batch, n, K)
+    rc = jnp.concatenate([r1, r2], axis=-2)  # (*batch, K, m)
     q1, t1 = jnp.linalg.qr(lc)  # (n, K'), (K', K)
-    q2, t2 = jnp.linalg.qr(rc.T)  # (m, K''), (K'', K)
-    u, sv, vt = jnp.linalg.svd(t1 @ t2.T, full_matrices=False)
-    kk = min(k, sv.shape[0])
-    left = q1 @ (u[:, :kk] * sv[:kk])
-    right = (q2 @ vt[:kk].T).T
+    q2, t2 = jnp.linalg.qr(_t(rc))  # (m, K''), (K'', K)
+    u, sv, vt = jnp.linalg.svd(t1 @ _t(t2), full_matrices=False)
+    kk = min(k, sv.shape[-1])
+    left = q1 @ (u[..., :, :kk] * sv[..., None, :kk])
+    right = _t(q2 @ _t(vt[..., :kk, :]))
     if kk < k:  # pad with zero columns to keep a static shape
-        left = jnp.pad(left, ((0, 0), (0, k - kk)))
-        right = jnp.pad(right, ((0, k - kk), (0, 0)))
+        batch = [(0, 0)] * (left.ndim - 2)
+        left = jnp.pad(left, batch + [(0, 0), (0, k - kk)])
+        right = jnp.pad(right, batch + [(0, k - kk), (0, 0)])
     return left, right
+
+
+def _t(x):
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _lean_group(group: list[PairRecord], count, b1, b2, eps, eps_row, delta, x_mode) -> list[Packed]:
+    """Lean form for one group of equal pairs, batched over ``(G, *stack)`` (all of it factor-sized)."""
+    p0, mom0 = group[0].p, group[0].states[0]
+    s, dt = p0.scale, mom0.left.dtype
+    a2, bm, ga2, gb2 = pair_mats(group, dt)  # (G, *stack, n, r), (G, *stack, r, m)
+    mom = LeanMoments(*(stack([rec.states[0][i] for rec in group]) for i in range(4)))
+    am, bp = _t(a2), _t(bm)  # paper layout
+    gr = grams(am, bp, delta)  # shared by both applications of the closed form
+    ga_hat, gb_hat = closed_form(am, bp, _t(ga2), _t(gb2), s, gr, "zero")
+    # ẽ (Flax, n x m) = s (ĝ_a b + a ĝ_b) = le @ re with le (n, 2r), re (2r, m).
+    le = s * jnp.concatenate([_t(ga_hat), a2], axis=-1)
+    re = jnp.concatenate([bm, _t(gb_hat)], axis=-2)
+    left, right = truncated_sum(b1 * mom.left, mom.right, (1.0 - b1) * le, re, mom.left.shape[-1])
+    # Row / column sums of ẽ² from the factors: diag(le (re reᵀ) leᵀ), diag(reᵀ (leᵀ le) re).
+    rows = jnp.sum((le @ (re @ _t(re))) * le, axis=-1)
+    cols = jnp.sum((_t(re) @ (_t(le) @ le)) * _t(re), axis=-1)
+    row = b2 * mom.row + (1.0 - b2) * rows
+    col = b2 * mom.col + (1.0 - b2) * cols
+    bc1, bc2 = bias_correction(b1, count, dt), bias_correction(b2, count, dt)
+    total = jnp.sum(row, axis=-1, keepdims=True) + eps_row
+    p_fac = jnp.sqrt((row + eps_row) / total) + jnp.sqrt(eps)  # (.., n)
+    q_fac = jnp.sqrt((col + eps_row) / bc2) + jnp.sqrt(eps)  # (.., m)
+    ld = (left / bc1) / p_fac[..., :, None]  # d = ld @ rd, (.., n, k) and (.., k, m)
+    rd = right / q_fac[..., None, :]
+    h_a = s * (ld @ (rd @ _t(bm)))  # (.., n, r)
+    h_b = s * ((_t(a2) @ ld) @ rd)  # (.., r, m)
+    ua, ub = closed_form(am, bp, _t(h_a), _t(h_b), s, gr, x_mode)
+    return [
+        Packed(pair_update(rec.u, _t(ua[j]), _t(ub[j])), LeanMoments(left[j], right[j], row[j], col[j]))
+        for j, rec in enumerate(group)
+    ]
 
 
 def scale_by_lora_pro_lean(
@@ -124,16 +171,14 @@ def scale_by_lora_pro_lean(
     check_x_mode(x_mode)
     mode = resolve_on_nonfinite(on_nonfinite, check_finite_grads, "scale_by_lora_pro_lean")
 
-    def _k(p: LoraPair) -> int:
-        k = rank if rank is not None else 2 * p.rank
-        return int(min(k, p.a.size // p.rank, p.b.size // p.rank))
-
     def init_fn(params):
         def on_pair(path, p):
-            n, m = p.a.size // p.rank, p.b.size // p.rank
-            k = _k(p)
+            n, m = math.prod(p.in_shape), math.prod(p.out_shape)
+            k = int(min(rank if rank is not None else 2 * p.rank, n, m))
             dt = jnp.promote_types(jnp.result_type(p.a), jnp.float32)
-            return LeanMoments(jnp.zeros((n, k), dt), jnp.zeros((k, m), dt), jnp.zeros((n,), dt), jnp.zeros((m,), dt))
+            st = p.stack_shape
+            zeros = lambda *shape: jnp.zeros(st + shape, dt)
+            return LeanMoments(zeros(n, k), zeros(k, m), zeros(n), zeros(m))
 
         def on_leaf(path, x):
             if not hasattr(x, "shape"):
@@ -146,36 +191,6 @@ def scale_by_lora_pro_lean(
         require_params(params, "scale_by_lora_pro_lean")
         count = optax.safe_increment(state.count)
 
-        def on_pair(path, u, p, mom):
-            check_pair(path, u, p)
-            a2, bm = pair_matrices(p)  # (n, r), (r, m)
-            ga2, gb2 = pair_matrices(u)
-            s = p.scale
-            dt = mom.left.dtype
-            a2, bm, ga2, gb2 = (x.astype(dt) for x in (a2, bm, ga2, gb2))
-            gr = grams(a2.T, bm.T, delta)  # shared by both applications of the closed form
-            ga_hat, gb_hat = closed_form(a2.T, bm.T, ga2.T, gb2.T, s, gr, "zero")
-            # ẽ (Flax, n x m) = s (ĝ_a b + a ĝ_b) = le @ re with le (n, 2r), re (2r, m).
-            le = s * jnp.concatenate([ga_hat.T, a2], axis=1)
-            re = jnp.concatenate([bm, gb_hat.T], axis=0)
-            left, right = truncated_sum(b1 * mom.left, mom.right, (1.0 - b1) * le, re, mom.left.shape[1])
-            # Row / column sums of ẽ² from the factors: diag(le (re reᵀ) leᵀ), diag(reᵀ (leᵀ le) re).
-            rows = jnp.sum((le @ (re @ re.T)) * le, axis=1)
-            cols = jnp.sum((re.T @ (le.T @ le)) * re.T, axis=1)
-            row = b2 * mom.row + (1.0 - b2) * rows
-            col = b2 * mom.col + (1.0 - b2) * cols
-            bc1, bc2 = bias_correction(b1, count, dt), bias_correction(b2, count, dt)
-            total = jnp.sum(row) + eps_row
-            p_fac = jnp.sqrt((row + eps_row) / total) + jnp.sqrt(eps)  # (n,)
-            q_fac = jnp.sqrt((col + eps_row) / bc2) + jnp.sqrt(eps)  # (m,)
-            ld = (left / bc1) / p_fac[:, None]  # d = ld @ rd, (n, k) and (k, m)
-            rd = right / q_fac[None, :]
-            h_a = s * (ld @ (rd @ bm.T))  # (n, r)
-            h_b = s * ((a2.T @ ld) @ rd)  # (r, m)
-            ua, ub = closed_form(a2.T, bm.T, h_a.T, h_b.T, s, gr, x_mode)
-            upd = u.replace(a=ua.T.reshape(u.a.shape).astype(u.a.dtype), b=ub.T.reshape(u.b.shape).astype(u.b.dtype))
-            return Packed(upd, LeanMoments(left, right, row, col))
-
         def on_leaf(path, g, p, mom):
             if not hasattr(g, "shape"):
                 return Packed(g, mom)
@@ -187,7 +202,8 @@ def scale_by_lora_pro_lean(
             d = (mu2 / bc1) / (jnp.sqrt(nu2 / bc2) + eps)
             return Packed(d.astype(g.dtype), (mu2.astype(mu.dtype), nu2.astype(nu.dtype)))
 
-        packed = map_pairs(on_pair, on_leaf, updates, params, state.moments)
+        group_fn = lambda group: _lean_group(group, count, b1, b2, eps, eps_row, delta, x_mode)
+        packed = map_groups(group_fn, on_leaf, updates, params, state.moments)
         new_updates, new_moments = unzip_packed(packed, 2)
         return new_updates, ScaleByLoraProLeanState(count, new_moments)
 

@@ -30,13 +30,13 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int
 
-from ..lora.pairing import pair_matrices
+from ..lora.pairing import LoraPair
+from ._grouping import PairRecord, map_groups, pair_mats, pair_update, stack
 from ._tree import Packed, map_pairs, require_params, unzip_packed
 from .nonfinite import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonfiniteMode, guard_nonfinite, resolve_on_nonfinite
 from .closed_form import (
     XMode,
     bias_correction,
-    check_pair,
     check_x_mode,
     closed_form,
     equivalent_gradient,
@@ -65,6 +65,44 @@ Form = Literal["full", "efficient", "lean"]
 _FORMS = ("full", "efficient", "lean")
 
 
+def _t(x):
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _sgd_group(group: list[PairRecord], delta: float, x_mode: str) -> list[LoraPair]:
+    """SGD form for one group of equal pairs: the closed form, batched over ``(G, *stack)``."""
+    u0, p0 = group[0].u, group[0].p
+    dt = jnp.promote_types(jnp.result_type(p0.a, p0.b, u0.a, u0.b), jnp.float32)
+    a2, bm, ga2, gb2 = pair_mats(group, dt)  # (G, *stack, n, r), (G, *stack, r, m)
+    ga_hat, gb_hat = lora_pro_gradients(_t(a2), _t(bm), _t(ga2), _t(gb2), p0.scale, delta=delta, x_mode=x_mode)
+    return [pair_update(rec.u, _t(ga_hat[j]), _t(gb_hat[j])) for j, rec in enumerate(group)]
+
+
+def _full_group(group: list[PairRecord], count, b1, b2, eps, eps_root, delta, x_mode) -> list[Packed]:
+    """Full form for one group: r x r algebra and closed forms batched, full-size moments per pair."""
+    u0, p0 = group[0].u, group[0].p
+    s = p0.scale
+    dt = jnp.promote_types(jnp.result_type(p0.a, u0.a), jnp.float32)
+    a2, bm, ga2, gb2 = pair_mats(group, dt)  # (G, *stack, n, r), (G, *stack, r, m)
+    am, bp = _t(a2), _t(bm)  # paper layout A (.., r, n), B (.., m, r)
+    gr = grams(am, bp, delta)  # shared by both applications of the closed form
+    ga_hat, gb_hat = closed_form(am, bp, _t(ga2), _t(gb2), s, gr, "zero")
+    ga_f, gb_f = _t(ga_hat), _t(gb_hat)  # Flax layout (.., n, r), (.., r, m)
+    bc1, bc2 = bias_correction(b1, count, dt), bias_correction(b2, count, dt)
+    h_a, h_b, moments = [], [], []
+    for j, rec in enumerate(group):  # full-size (n x m) work per pair: never copied into a batch
+        mu, nu = rec.states
+        e = s * (ga_f[j] @ bm[j] + a2[j] @ gb_f[j])  # (*stack, n, m): equivalent gradient, Flax layout
+        mu2 = b1 * mu.reshape(e.shape).astype(dt) + (1.0 - b1) * e
+        nu2 = b2 * nu.reshape(e.shape).astype(dt) + (1.0 - b2) * jnp.square(e)
+        d = (mu2 / bc1) / (jnp.sqrt(nu2 / bc2 + eps_root) + eps)  # (*stack, n, m)
+        h_a.append(s * (d @ _t(bm[j])))  # (*stack, n, r) = (s Bᵀ d_paper)ᵀ
+        h_b.append(s * (_t(a2[j]) @ d))  # (*stack, r, m) = (s d_paper Aᵀ)ᵀ
+        moments.append((mu2.reshape(mu.shape).astype(mu.dtype), nu2.reshape(nu.shape).astype(nu.dtype)))
+    ua, ub = closed_form(am, bp, _t(stack(h_a)), _t(stack(h_b)), s, gr, x_mode)
+    return [Packed(pair_update(rec.u, _t(ua[j]), _t(ub[j])), *moments[j]) for j, rec in enumerate(group)]
+
+
 def scale_by_lora_pro(
     delta: float = 1e-8,
     x_mode: XMode = "sylvester",
@@ -78,6 +116,10 @@ def scale_by_lora_pro(
     Chain it with any optax optimizer, e.g. ``optax.chain(scale_by_lora_pro(), optax.sgd(lr))`` (the
     paper's SGD form) or ``optax.chain(scale_by_lora_pro(), optax.adamw(lr))`` (the "efficient" form).
     Non-LoRA leaves pass through unchanged. Needs ``params`` in ``update``.
+
+    Stacked pairs (leading stack axes) are solved slice by slice. Pairs of equal shape, dtype, scale and
+    stack axes are grouped and their r x r algebra runs as one batched call (see
+    :mod:`lorapro_jax.optim._grouping`); the result equals each pair's :func:`lora_pro_pair_update`.
 
     Args:
       delta: damping of ``(BᵀB + δI)⁻¹`` and ``(AAᵀ + δI)⁻¹``.
@@ -102,11 +144,8 @@ def scale_by_lora_pro(
     def update_fn(updates, state, params=None):
         require_params(params, "scale_by_lora_pro")
 
-        def on_pair(path, u, p):
-            check_pair(path, u, p)
-            return lora_pro_pair_update(p, u, delta=delta, x_mode=x_mode)
-
-        return map_pairs(on_pair, lambda path, u, p: u, updates, params), state
+        group_fn = lambda group: _sgd_group(group, delta, x_mode)
+        return map_groups(group_fn, lambda path, u, p: u, updates, params), state
 
     tx = optax.GradientTransformation(init_fn, update_fn)
     return guard_nonfinite(tx, mode, max_consecutive_skips=max_consecutive_skips, name="scale_by_lora_pro")
@@ -141,8 +180,9 @@ class ScaleByLoraProAdamState(NamedTuple):
 
     Attributes:
       count: ``()`` int32, number of updates so far (bias correction uses the true step count ``t``).
-      mu: first moments. Per LoRA pair (``form="full"``): ``(*in_shape, *out_shape)`` — the full-size
-        moment of the equivalent gradient, in the base kernel's (Flax) layout. Per other leaf: like the
+      mu: first moments. Per LoRA pair (``form="full"``): ``(*stack, *in_shape, *out_shape)`` — the
+        full-size moment of the equivalent gradient, in the base kernel's (Flax) layout (a stacked pair's
+        moments have the stacked kernel's shape). Per other leaf: like the
         leaf.
       nu: second moments, shaped like ``mu``.
     """
@@ -205,29 +245,6 @@ def scale_by_lora_pro_adam(
         require_params(params, "scale_by_lora_pro_adam")
         count = optax.safe_increment(state.count)
 
-        def on_pair(path, u, p, mu, nu):
-            check_pair(path, u, p)
-            a2, b2m = pair_matrices(p)  # (n, r), (r, m)
-            ga2, gb2 = pair_matrices(u)
-            s = p.scale
-            dt = jnp.promote_types(jnp.result_type(a2, ga2), jnp.float32)
-            a2, b2m, ga2, gb2 = (x.astype(dt) for x in (a2, b2m, ga2, gb2))
-            # Equivalent gradient of the LoRA-Pro gradients, Flax layout (n, m): s (ĝ_a b + a ĝ_b).
-            gr = grams(a2.T, b2m.T, delta)  # shared by both applications of the closed form
-            ga_hat, gb_hat = closed_form(a2.T, b2m.T, ga2.T, gb2.T, s, gr, "zero")
-            e = s * (ga_hat.T @ b2m + a2 @ gb_hat.T)
-            bc1, bc2 = bias_correction(b1, count, dt), bias_correction(b2, count, dt)
-            mu2 = mu.reshape(e.shape).astype(dt)
-            nu2 = nu.reshape(e.shape).astype(dt)
-            mu2 = b1 * mu2 + (1.0 - b1) * e
-            nu2 = b2 * nu2 + (1.0 - b2) * jnp.square(e)
-            d = (mu2 / bc1) / (jnp.sqrt(nu2 / bc2 + eps_root) + eps)  # (n, m)
-            h_a = s * (d @ b2m.T)  # (n, r) = (s Bᵀ d_paper)ᵀ
-            h_b = s * (a2.T @ d)  # (r, m) = (s d_paper Aᵀ)ᵀ
-            ua, ub = closed_form(a2.T, b2m.T, h_a.T, h_b.T, s, gr, x_mode)
-            upd = u.replace(a=ua.T.reshape(u.a.shape).astype(u.a.dtype), b=ub.T.reshape(u.b.shape).astype(u.b.dtype))
-            return Packed(upd, mu2.reshape(mu.shape).astype(mu.dtype), nu2.reshape(nu.shape).astype(nu.dtype))
-
         def on_leaf(path, g, p, mu, nu):
             if not hasattr(g, "shape"):
                 return Packed(g, mu, nu)
@@ -238,7 +255,8 @@ def scale_by_lora_pro_adam(
             d = (mu2 / bc1) / (jnp.sqrt(nu2 / bc2 + eps_root) + eps)
             return Packed(d.astype(g.dtype), mu2.astype(mu.dtype), nu2.astype(nu.dtype))
 
-        packed = map_pairs(on_pair, on_leaf, updates, params, state.mu, state.nu)
+        group_fn = lambda group: _full_group(group, count, b1, b2, eps, eps_root, delta, x_mode)
+        packed = map_groups(group_fn, on_leaf, updates, params, state.mu, state.nu)
         new_updates, new_mu, new_nu = unzip_packed(packed, 3)
         return new_updates, ScaleByLoraProAdamState(count=count, mu=new_mu, nu=new_nu)
 
