@@ -55,7 +55,16 @@ import lorapro_jax as lp
 
 from .common import machine_info, median, quantile
 
-__all__ = ["LAYOUTS", "METHODS", "PROJECTIONS", "format_markdown", "format_table", "main", "make_tree", "run_benchmark"]
+__all__ = [
+    "LAYOUTS",
+    "METHODS",
+    "PROJECTIONS",
+    "format_markdown",
+    "format_table",
+    "main",
+    "make_tree",
+    "run_benchmark",
+]
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 LAYOUTS = ("unstacked", "stacked")
@@ -76,23 +85,55 @@ METHODS: dict[str, Method] = {
         Method("adamw", lambda lr, cf: optax.adamw(lr), None),
         Method(
             "lora_pro_sgd",
-            lambda lr, cf: optax.chain(lp.scale_by_lora_pro(check_finite_grads=cf), optax.sgd(lr)),
+            lambda lr, cf: optax.chain(
+                lp.scale_by_lora_pro(on_nonfinite="raise" if cf else "ignore"),
+                optax.sgd(lr),
+            ),
             1.5,
         ),
-        Method("lora_pro_efficient", lambda lr, cf: lp.lora_pro_adamw(lr, form="efficient", check_finite_grads=cf), 1.5),
-        Method("lora_pro_full", lambda lr, cf: lp.lora_pro_adamw(lr, form="full", check_finite_grads=cf), 1.5),
-        Method("lora_pro_lean", lambda lr, cf: lp.lora_pro_adamw(lr, form="lean", check_finite_grads=cf), 2.0),
+        Method(
+            "lora_pro_efficient",
+            lambda lr, cf: lp.lora_pro_adamw(
+                lr, form="efficient", on_nonfinite="raise" if cf else "ignore"
+            ),
+            1.5,
+        ),
+        Method(
+            "lora_pro_full",
+            lambda lr, cf: lp.lora_pro_adamw(
+                lr, form="full", on_nonfinite="raise" if cf else "ignore"
+            ),
+            1.5,
+        ),
+        Method(
+            "lora_pro_lean",
+            lambda lr, cf: lp.lora_pro_adamw(
+                lr, form="lean", on_nonfinite="raise" if cf else "ignore"
+            ),
+            2.0,
+        ),
     )
 }
 TARGET_COMPILE = 2.0  # compile time at most 2x AdamW's
 
 
 def _shape(proj: str, width: int, mlp_width: int) -> tuple[int, int]:
-    return {"gate": (width, mlp_width), "up": (width, mlp_width), "down": (mlp_width, width)}.get(proj, (width, width))
+    return {
+        "gate": (width, mlp_width),
+        "up": (width, mlp_width),
+        "down": (mlp_width, width),
+    }.get(proj, (width, width))
 
 
 def make_tree(
-    pairs: int, width: int, rank: int, layout: str, *, mlp_width: int | None = None, seed: int = 0, grads: bool = False
+    pairs: int,
+    width: int,
+    rank: int,
+    layout: str,
+    *,
+    mlp_width: int | None = None,
+    seed: int = 0,
+    grads: bool = False,
 ) -> dict[str, Any]:
     """The adapter tree (or a gradient tree of the same structure with ``grads=True``).
 
@@ -101,7 +142,9 @@ def make_tree(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
     if pairs <= 0 or width <= 0 or rank <= 0 or rank > width:
-        raise ValueError(f"need pairs > 0 and 0 < rank <= width, got pairs={pairs}, width={width}, rank={rank}.")
+        raise ValueError(
+            f"need pairs > 0 and 0 < rank <= width, got pairs={pairs}, width={width}, rank={rank}."
+        )
     mlp_width = mlp_width or width
     rng = np.random.default_rng(seed + (1 if grads else 0))
     scale = 16.0 / rank
@@ -115,17 +158,29 @@ def make_tree(
         b = 0.1 * rng.standard_normal((count, rank, m))
         stacks[proj] = (jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
     if layout == "stacked":
-        return {proj: lp.LoraPair(a, b, scale, in_ndim=1) for proj, (a, b) in stacks.items()}
+        return {
+            proj: lp.LoraPair(a, b, scale, in_ndim=1) for proj, (a, b) in stacks.items()
+        }
     layers: dict[str, dict[str, lp.LoraPair]] = {}
     for i in range(pairs):
         proj = PROJECTIONS[i % len(PROJECTIONS)]
         a, b = stacks[proj]
-        layers.setdefault(str(i // len(PROJECTIONS)), {})[proj] = lp.LoraPair(a[i // len(PROJECTIONS)], b[i // len(PROJECTIONS)], scale)
+        layers.setdefault(str(i // len(PROJECTIONS)), {})[proj] = lp.LoraPair(
+            a[i // len(PROJECTIONS)], b[i // len(PROJECTIONS)], scale
+        )
     return {"layers": layers}
 
 
 class _Runner:
-    def __init__(self, method: Method, layout: str, params: Any, grads: Any, lr: float, check_finite: bool):
+    def __init__(
+        self,
+        method: Method,
+        layout: str,
+        params: Any,
+        grads: Any,
+        lr: float,
+        check_finite: bool,
+    ):
         self.method, self.layout = method, layout
         tx = method.make_tx(lr, check_finite)
 
@@ -137,7 +192,11 @@ class _Runner:
         self.params = jax.tree.map(jnp.copy, params)
         self.state = tx.init(self.params)
         t0 = time.perf_counter()
-        self.compiled = jax.jit(step, donate_argnums=(0, 1)).lower(self.params, self.state, grads).compile()
+        self.compiled = (
+            jax.jit(step, donate_argnums=(0, 1))
+            .lower(self.params, self.state, grads)
+            .compile()
+        )
         self.compile_s = time.perf_counter() - t0
         self.times: list[float] = []
 
@@ -174,18 +233,28 @@ def run_benchmark(
         raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
     bad = [lay for lay in layouts if lay not in LAYOUTS]
     if bad or not layouts:
-        raise ValueError(f"layouts must be a non-empty subset of {LAYOUTS}, got {list(layouts)}.")
+        raise ValueError(
+            f"layouts must be a non-empty subset of {LAYOUTS}, got {list(layouts)}."
+        )
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}.")
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if verbose else (lambda s: None)
+    log = (
+        (lambda s: print(s, file=sys.stderr, flush=True))
+        if verbose
+        else (lambda s: None)
+    )
     load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     t_start = time.perf_counter()
     runners: dict[tuple[str, str], _Runner] = {}
     for layout in layouts:
         params = make_tree(pairs, width, rank, layout, mlp_width=mlp_width, seed=seed)
-        grads = make_tree(pairs, width, rank, layout, mlp_width=mlp_width, seed=seed, grads=True)
+        grads = make_tree(
+            pairs, width, rank, layout, mlp_width=mlp_width, seed=seed, grads=True
+        )
         for name in names:
-            runners[(layout, name)] = r = _Runner(METHODS[name], layout, params, grads, lr, check_finite)
+            runners[(layout, name)] = r = _Runner(
+                METHODS[name], layout, params, grads, lr, check_finite
+            )
             log(f"  compiled {layout:<9} {name:<20} in {r.compile_s:6.2f} s")
     for r in runners.values():
         for _ in range(warmup):
@@ -219,8 +288,15 @@ def run_benchmark(
                 "step_ms_p75": 1e3 * quantile(r.times, 0.75),
                 "step_ratio_vs_adamw": step_ratio,
                 "target_step_ratio": target,
-                "meets_targets": None if target is None else bool(step_ratio <= target and compile_ratio <= TARGET_COMPILE),
-                "finite": bool(all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(r.params))),
+                "meets_targets": None
+                if target is None
+                else bool(step_ratio <= target and compile_ratio <= TARGET_COMPILE),
+                "finite": bool(
+                    all(
+                        np.all(np.isfinite(np.asarray(x)))
+                        for x in jax.tree.leaves(r.params)
+                    )
+                ),
             }
         )
     meta = machine_info(command or "python -m benchmarks.bench_many_pairs")
@@ -245,12 +321,28 @@ def run_benchmark(
     return {"meta": meta, "rows": rows}
 
 
-_HEADERS = ["layout", "method", "pair nodes", "compile s", "compile / AdamW", "step ms", "p25-p75 ms", "step / AdamW", "target"]
+_HEADERS = [
+    "layout",
+    "method",
+    "pair nodes",
+    "compile s",
+    "compile / AdamW",
+    "step ms",
+    "p25-p75 ms",
+    "step / AdamW",
+    "target",
+]
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
     target = row["target_step_ratio"]
-    verdict = "-" if target is None else (f"<= {target:g}x, <= 2x: " + ("met" if row["meets_targets"] else "MISSED"))
+    verdict = (
+        "-"
+        if target is None
+        else (
+            f"<= {target:g}x, <= 2x: " + ("met" if row["meets_targets"] else "MISSED")
+        )
+    )
     return [
         row["layout"],
         row["method"],
@@ -288,14 +380,23 @@ def format_table(result: dict[str, Any]) -> str:
     """Plain-text, column-aligned table."""
     cells = [_HEADERS] + [_cells(r) for r in result["rows"]]
     widths = [max(len(c[i]) for c in cells) for i in range(len(_HEADERS))]
-    lines = ["  ".join(s.ljust(w) if i < 2 else s.rjust(w) for i, (s, w) in enumerate(zip(c, widths))) for c in cells]
+    lines = [
+        "  ".join(
+            s.ljust(w) if i < 2 else s.rjust(w)
+            for i, (s, w) in enumerate(zip(c, widths))
+        )
+        for c in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines) + "\n\n" + _footer(result)
 
 
 def format_markdown(result: dict[str, Any]) -> str:
     """Markdown table with the setup below it."""
-    out = ["| " + " | ".join(_HEADERS) + " |", "|" + "|".join(":---" if i < 2 else "---:" for i in range(len(_HEADERS))) + "|"]
+    out = [
+        "| " + " | ".join(_HEADERS) + " |",
+        "|" + "|".join(":---" if i < 2 else "---:" for i in range(len(_HEADERS))) + "|",
+    ]
     out += ["| " + " | ".join(_cells(r)) + " |" for r in result["rows"]]
     return "\n".join(out) + "\n\n" + _footer(result)
 
@@ -313,24 +414,71 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         description="Compile and step time of the LoRA-Pro forms vs optax.adamw on a tree of many LoRA pairs, "
         "stacked and unstacked, measured side by side.",
     )
-    parser.add_argument("--pairs", type=_positive, default=224, help="adapted weights (default 224 = 7 x 32)")
-    parser.add_argument("--width", type=_positive, default=64, help="width of every projection (default 64)")
-    parser.add_argument("--mlp-width", type=_positive, default=None, help="gate/up/down inner width (default: width)")
-    parser.add_argument("--rank", type=_positive, default=8, help="LoRA rank (default 8)")
     parser.add_argument(
-        "--methods", type=lambda s: [v for v in s.split(",") if v], default=None, help=f"subset of {','.join(METHODS)}"
+        "--pairs",
+        type=_positive,
+        default=224,
+        help="adapted weights (default 224 = 7 x 32)",
     )
-    parser.add_argument("--layouts", type=lambda s: [v for v in s.split(",") if v], default=list(LAYOUTS))
-    parser.add_argument("--reps", type=_positive, default=20, help="timed interleaved rounds (default 20)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
+    parser.add_argument(
+        "--width",
+        type=_positive,
+        default=64,
+        help="width of every projection (default 64)",
+    )
+    parser.add_argument(
+        "--mlp-width",
+        type=_positive,
+        default=None,
+        help="gate/up/down inner width (default: width)",
+    )
+    parser.add_argument(
+        "--rank", type=_positive, default=8, help="LoRA rank (default 8)"
+    )
+    parser.add_argument(
+        "--methods",
+        type=lambda s: [v for v in s.split(",") if v],
+        default=None,
+        help=f"subset of {','.join(METHODS)}",
+    )
+    parser.add_argument(
+        "--layouts",
+        type=lambda s: [v for v in s.split(",") if v],
+        default=list(LAYOUTS),
+    )
+    parser.add_argument(
+        "--reps",
+        type=_positive,
+        default=20,
+        help="timed interleaved rounds (default 20)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps after compilation (default 2)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--check-finite", action="store_true", help="keep LoRA-Pro's per-step NaN/inf host check on")
+    parser.add_argument(
+        "--check-finite",
+        action="store_true",
+        help="keep LoRA-Pro's per-step NaN/inf host check on",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the full results as JSON")
-    parser.add_argument("--markdown", action="store_true", help="print a markdown table instead of plain text")
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print a markdown table instead of plain text",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
-    command = " ".join(["python -m benchmarks.bench_many_pairs", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(
+        [
+            "python -m benchmarks.bench_many_pairs",
+            *(sys.argv[1:] if argv is None else argv),
+        ]
+    )
     result = run_benchmark(
         args.pairs,
         args.width,

@@ -25,7 +25,16 @@ from ..lora.pairing import LoraPair, pair_matrices
 from ._tree import Packed, map_pairs
 from .closed_form import check_pair
 
-__all__ = ["PairRecord", "gather_pairs", "group_records", "fill_slots", "map_groups", "pair_mats", "pair_update", "stack"]
+__all__ = [
+    "PairRecord",
+    "gather_pairs",
+    "group_records",
+    "fill_slots",
+    "map_groups",
+    "pair_mats",
+    "pair_update",
+    "stack",
+]
 
 
 @dataclasses.dataclass
@@ -48,7 +57,9 @@ class _Slot:
         self.index = index
 
 
-def gather_pairs(on_leaf: Callable[..., Any], updates: Any, params: Any, *states: Any) -> tuple[Any, list[PairRecord]]:
+def gather_pairs(
+    on_leaf: Callable[..., Any], updates: Any, params: Any, *states: Any
+) -> tuple[Any, list[PairRecord]]:
     """Maps ``on_leaf`` over non-pair leaves and records every pair (checked against its params).
 
     Returns the mapped tree, with a placeholder where each pair was, and the list of pair records.
@@ -81,7 +92,11 @@ def group_records(records: list[PairRecord]) -> list[list[PairRecord]]:
 
 
 def map_groups(
-    group_fn: Callable[[list[PairRecord]], list[Any]], on_leaf: Callable[..., Any], updates: Any, params: Any, *states
+    group_fn: Callable[[list[PairRecord]], list[Any]],
+    on_leaf: Callable[..., Any],
+    updates: Any,
+    params: Any,
+    *states,
 ) -> Any:
     """``on_leaf`` on non-pair leaves; ``group_fn(group) -> [result per member]`` once per group of pairs.
 
@@ -99,7 +114,9 @@ def map_groups(
 def fill_slots(tree: Any, results: dict[int, Any] | list[Any]) -> Any:
     """Replaces the placeholders of :func:`gather_pairs` by ``results[index]``."""
     is_leaf = lambda x: isinstance(x, (_Slot, Packed))
-    return jax.tree.map(lambda x: results[x.index] if isinstance(x, _Slot) else x, tree, is_leaf=is_leaf)
+    return jax.tree.map(
+        lambda x: results[x.index] if isinstance(x, _Slot) else x, tree, is_leaf=is_leaf
+    )
 
 
 def stack(xs: list[Any]) -> Any:
@@ -111,9 +128,15 @@ def pair_mats(group: list[PairRecord], dtype: Any) -> tuple[Any, Any, Any, Any]:
     """The group's Flax-layout matrices ``a (G, *stack, n, r)``, ``b (G, *stack, r, m)``, ``g_a``, ``g_b``."""
     pm = [pair_matrices(rec.p) for rec in group]
     gm = [pair_matrices(rec.u) for rec in group]
-    return tuple(stack([x[i].astype(dtype) for x in src]) for src, i in ((pm, 0), (pm, 1), (gm, 0), (gm, 1)))
+    return tuple(
+        stack([x[i].astype(dtype) for x in src])
+        for src, i in ((pm, 0), (pm, 1), (gm, 0), (gm, 1))
+    )
 
 
 def pair_update(u: LoraPair, a_mat: Any, b_mat: Any) -> LoraPair:
     """The update pair from Flax-layout matrices ``a (*stack, n, r)``, ``b (*stack, r, m)`` (shape/dtype of ``u``)."""
-    return u.replace(a=a_mat.reshape(u.a.shape).astype(u.a.dtype), b=b_mat.reshape(u.b.shape).astype(u.b.dtype))
+    return u.replace(
+        a=a_mat.reshape(u.a.shape).astype(u.a.dtype),
+        b=b_mat.reshape(u.b.shape).astype(u.b.dtype),
+    )

@@ -85,7 +85,9 @@ class Grams(NamedTuple):
     p: Float[Array, "*batch r r"]  # (AAᵀ + δI)⁻¹
 
 
-def grams(a_mat: Float[Array, "*batch r n"], b_mat: Float[Array, "*batch m r"], delta: float) -> Grams:
+def grams(
+    a_mat: Float[Array, "*batch r n"], b_mat: Float[Array, "*batch m r"], delta: float
+) -> Grams:
     """``BᵀB``, ``AAᵀ`` and their damped pseudo-inverses (one batched ``eigh`` each)."""
     btb = _t(b_mat) @ b_mat
     aat = a_mat @ _t(a_mat)
@@ -106,7 +108,9 @@ def closed_form(
     q, p = gr.q, gr.p
     ga_hat = q @ g_a / s2  # (r, n)
     mat = g_b @ p / s2  # (m, r)
-    gb_hat = mat - b_mat @ (q @ (_t(b_mat) @ mat))  # (I - B Q Bᵀ) g_B P / s², never forming m x m
+    gb_hat = mat - b_mat @ (
+        q @ (_t(b_mat) @ mat)
+    )  # (I - B Q Bᵀ) g_B P / s², never forming m x m
     if x_mode == "sylvester":
         x = solve_sylvester_psd(gr.btb, gr.aat, -(q @ (g_a @ _t(a_mat))) / s2)
     elif x_mode == "symmetry":
@@ -150,7 +154,9 @@ def lora_pro_gradients(
     check_x_mode(x_mode)
     dt = jnp.promote_types(jnp.result_type(a_mat, b_mat, g_a, g_b), jnp.float32)
     a_mat, b_mat, g_a, g_b = (x.astype(dt) for x in (a_mat, b_mat, g_a, g_b))
-    return closed_form(a_mat, b_mat, g_a, g_b, scale, grams(a_mat, b_mat, delta), x_mode)
+    return closed_form(
+        a_mat, b_mat, g_a, g_b, scale, grams(a_mat, b_mat, delta), x_mode
+    )
 
 
 def equivalent_gradient(
@@ -165,7 +171,11 @@ def equivalent_gradient(
 
 
 def lora_pro_pair_update(
-    params: LoraPair, grads: LoraPair, *, delta: float = 1e-8, x_mode: XMode = "sylvester"
+    params: LoraPair,
+    grads: LoraPair,
+    *,
+    delta: float = 1e-8,
+    x_mode: XMode = "sylvester",
 ) -> LoraPair:
     """Applies :func:`lora_pro_gradients` to one Flax-layout pair (stacked: to each slice); returns a pair
     shaped like ``grads``."""
@@ -176,7 +186,9 @@ def lora_pro_pair_update(
             f"gradient pair shapes a{tuple(grads.a.shape)}, b{tuple(grads.b.shape)} do not match parameter pair "
             f"shapes a{tuple(params.a.shape)}, b{tuple(params.b.shape)}"
         )
-    ga_hat, gb_hat = lora_pro_gradients(_t(a2), _t(b2), _t(ga2), _t(gb2), params.scale, delta=delta, x_mode=x_mode)
+    ga_hat, gb_hat = lora_pro_gradients(
+        _t(a2), _t(b2), _t(ga2), _t(gb2), params.scale, delta=delta, x_mode=x_mode
+    )
     return grads.replace(
         a=_t(ga_hat).reshape(grads.a.shape).astype(grads.a.dtype),
         b=_t(gb_hat).reshape(grads.b.shape).astype(grads.b.dtype),

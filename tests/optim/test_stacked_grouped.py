@@ -28,7 +28,10 @@ def _stacked_params(dtype):
     k = jax.random.split(jax.random.key(0), 3)
     a = jax.random.normal(k[0], (L, *IN, R), dtype)
     b = 0.5 * jax.random.normal(k[1], (L, R, *OUT), dtype)
-    return {"pair": lp.LoraPair(a, b, 1.5, in_ndim=len(IN)), "bias": jax.random.normal(k[2], OUT, dtype)}
+    return {
+        "pair": lp.LoraPair(a, b, 1.5, in_ndim=len(IN)),
+        "bias": jax.random.normal(k[2], OUT, dtype),
+    }
 
 
 def _sliced(params):
@@ -43,7 +46,9 @@ def _target(dtype):
 
 
 def _loss_stacked(params, t):
-    return 0.5 * jnp.sum((params["pair"].delta() - t) ** 2) + jnp.sum(params["bias"] ** 2 * jnp.sum(t))
+    return 0.5 * jnp.sum((params["pair"].delta() - t) ** 2) + jnp.sum(
+        params["bias"] ** 2 * jnp.sum(t)
+    )
 
 
 def _loss_sliced(params, t):
@@ -65,10 +70,14 @@ def _check(got, want, dtype):
     if dtype == jnp.float64:
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     else:
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
+        np.testing.assert_allclose(
+            got, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want))
+        )
 
 
-@pytest.mark.parametrize("form", ["sgd", "efficient", "full", "lean", "lora_plus_adamw"])
+@pytest.mark.parametrize(
+    "form", ["sgd", "efficient", "full", "lean", "lora_plus_adamw"]
+)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_stacked_pair_equals_its_slices_after_three_steps(form, dtype):
     with jax.enable_x64(dtype == "float64"):
@@ -82,7 +91,9 @@ def test_stacked_pair_equals_its_slices_after_three_steps(form, dtype):
             _check(got["pair"].a[i], want[f"pair{i}"].a, dt)
             _check(got["pair"].b[i], want[f"pair{i}"].b, dt)
         _check(got["bias"], want["bias"], dt)
-        assert not np.allclose(np.asarray(got["pair"].b), np.asarray(params["pair"].b))  # it moved
+        assert not np.allclose(
+            np.asarray(got["pair"].b), np.asarray(params["pair"].b)
+        )  # it moved
         if form == "full":  # full-size moments have the stacked kernel's shape
             shapes = {x.shape for x in jax.tree.leaves(state)}
             assert (L, *IN, *OUT) in shapes
@@ -112,7 +123,9 @@ def _mixed_tree(rng, dtype):
 
 
 def _grads_like(rng, tree):
-    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), tree)
+    return jax.tree.map(
+        lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), tree
+    )
 
 
 def _pairs(tree):
@@ -125,16 +138,28 @@ def test_grouped_sgd_form_equals_per_pair_closed_form_and_numpy(x64):
     params = _mixed_tree(rng, jnp.float64)
     grads = _grads_like(rng, params)
     upd, _ = jax.jit(lp.scale_by_lora_pro().update)(grads, optax.EmptyState(), params)
-    assert jax.tree.structure(upd, is_leaf=lp.is_lora_pair) == jax.tree.structure(grads, is_leaf=lp.is_lora_pair)
+    assert jax.tree.structure(upd, is_leaf=lp.is_lora_pair) == jax.tree.structure(
+        grads, is_leaf=lp.is_lora_pair
+    )
     got, ps, gs = dict(_pairs(upd)), dict(_pairs(params)), dict(_pairs(grads))
     for path, p in ps.items():
         want = lp.lora_pro_pair_update(p, gs[path])  # each pair alone
-        np.testing.assert_allclose(np.asarray(got[path].a), np.asarray(want.a), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(np.asarray(got[path].b), np.asarray(want.b), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(got[path].a), np.asarray(want.a), rtol=1e-12, atol=1e-12
+        )
+        np.testing.assert_allclose(
+            np.asarray(got[path].b), np.asarray(want.b), rtol=1e-12, atol=1e-12
+        )
         slices = range(p.a.shape[0]) if p.stack_ndim else [None]
         for i in slices:  # independent NumPy reference, slice by slice (paper layout)
-            sel = (lambda x: np.asarray(x)) if i is None else (lambda x, i=i: np.asarray(x[i]))
-            wa, wb = lora_pro_np(sel(p.a).T, sel(p.b).T, sel(gs[path].a).T, sel(gs[path].b).T, p.scale)
+            sel = (
+                (lambda x: np.asarray(x))
+                if i is None
+                else (lambda x, i=i: np.asarray(x[i]))
+            )
+            wa, wb = lora_pro_np(
+                sel(p.a).T, sel(p.b).T, sel(gs[path].a).T, sel(gs[path].b).T, p.scale
+            )
             np.testing.assert_allclose(sel(got[path].a).T, wa, rtol=1e-7, atol=1e-8)
             np.testing.assert_allclose(sel(got[path].b).T, wb, rtol=1e-7, atol=1e-8)
     np.testing.assert_array_equal(np.asarray(upd["head"]), np.asarray(grads["head"]))
@@ -151,7 +176,9 @@ def test_grouped_adam_forms_equal_each_pair_alone_over_steps(x64, form):
     for g in grads:
         u, st = update(g, st, p_all)
         p_all = optax.apply_updates(p_all, u)
-    for path, p in _pairs(params):  # the same optimizer on a tree holding only this pair
+    for path, p in _pairs(
+        params
+    ):  # the same optimizer on a tree holding only this pair
         one = {"x": p}
         s1 = tx.init(one)
         for g in grads:
@@ -159,8 +186,12 @@ def test_grouped_adam_forms_equal_each_pair_alone_over_steps(x64, form):
             u1, s1 = tx.update(g1, s1, one)
             one = optax.apply_updates(one, u1)
         got = dict(_pairs(p_all))[path]
-        np.testing.assert_allclose(np.asarray(got.a), np.asarray(one["x"].a), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(np.asarray(got.b), np.asarray(one["x"].b), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(got.a), np.asarray(one["x"].a), rtol=1e-12, atol=1e-12
+        )
+        np.testing.assert_allclose(
+            np.asarray(got.b), np.asarray(one["x"].b), rtol=1e-12, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("form", ["sgd", "full", "lean"])
