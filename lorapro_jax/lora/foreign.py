@@ -151,6 +151,14 @@ class Pairing:
                 return k
         return 0
 
+    def kernel_path(self, name: str) -> str | None:
+        """Path of the base kernel ``W0`` adapted by pair ``name`` (for LoRA-GA), or ``None`` if unknown."""
+        return None
+
+    def module_name(self, name: str) -> str:
+        """The dotted module name of pair ``name`` (PEFT's ``base_model.model.<module>.lora_A.weight``)."""
+        return name.replace("/", ".")
+
     def plan(self, tree: Any) -> PairPlan:
         """Finds the pairs of ``tree`` (any pytree; ``nnx.State`` included). Static: uses paths and shapes only."""
         paths, leaves, treedef = _flatten(tree)
@@ -205,8 +213,18 @@ def _layer_group(pattern: re.Pattern, which: str) -> str | int:
 class NamePairing(Pairing):
     """Pairs leaves by regexes on their paths; see :func:`name_pairing`."""
 
-    def __init__(self, a_pattern: str, b_pattern: str, scale: Scale, *, name: str = "name_pairing"):
+    def __init__(
+        self,
+        a_pattern: str,
+        b_pattern: str,
+        scale: Scale,
+        *,
+        kernel_path: Callable[[str], str] | None = None,
+        module_name: Callable[[str], str] | None = None,
+        name: str = "name_pairing",
+    ):
         self.a_pattern, self.b_pattern = re.compile(a_pattern), re.compile(b_pattern)
+        self._kernel_path, self._module_name = kernel_path, module_name
         self._ga, self._gb = _layer_group(self.a_pattern, "A"), _layer_group(self.b_pattern, "B")
         if not callable(scale):
             scale = float(scale)
@@ -217,6 +235,12 @@ class NamePairing(Pairing):
 
     def __repr__(self) -> str:
         return f"{self.name}({self.a_pattern.pattern!r}, {self.b_pattern.pattern!r}, {self.scale!r})"
+
+    def kernel_path(self, name: str) -> str | None:
+        return self._kernel_path(name) if self._kernel_path is not None else None
+
+    def module_name(self, name: str) -> str:
+        return self._module_name(name) if self._module_name is not None else super().module_name(name)
 
     def scale_for(self, layer: str, a_path: str, a_shape: tuple[int, ...]) -> float:
         if not callable(self.scale):
@@ -263,7 +287,14 @@ class NamePairing(Pairing):
         return out
 
 
-def name_pairing(a_pattern: str, b_pattern: str, scale: Scale) -> Pairing:
+def name_pairing(
+    a_pattern: str,
+    b_pattern: str,
+    scale: Scale,
+    *,
+    kernel_path: Callable[[str], str] | None = None,
+    module_name: Callable[[str], str] | None = None,
+) -> Pairing:
     """A pairing by regexes on leaf paths, for any parameter tree.
 
     Every leaf whose ``"/"``-joined path matches ``a_pattern`` (``re.search``) is an ``A`` factor, every one
@@ -280,13 +311,17 @@ def name_pairing(a_pattern: str, b_pattern: str, scale: Scale) -> Pairing:
       a_pattern: regex selecting the A leaves, with a group naming the layer.
       b_pattern: regex selecting the B leaves, with a group naming the layer.
       scale: the LoRA scale ``s`` of every pair, or a function of the layer name returning it.
+      kernel_path: optional function of the layer name giving the path of its base kernel ``W0`` (needed by
+        :func:`~lorapro_jax.lora_ga_init_paired`; without it LoRA-GA is not supported for this pairing).
+      module_name: optional function of the layer name giving its dotted module name for PEFT export
+        (default: the layer name with ``"/"`` replaced by ``"."``).
 
     Returns:
       A :class:`Pairing`. Its plan raises ``ValueError`` naming the paths for an A without its B (or the
       reverse), two factors of one kind for a layer, mismatched ranks, a scale function returning ``None``,
       and a tree in which no pair is found.
     """
-    return NamePairing(a_pattern, b_pattern, scale)
+    return NamePairing(a_pattern, b_pattern, scale, kernel_path=kernel_path, module_name=module_name)
 
 
 def nnx_lora_pairing(scale: Scale = 1.0) -> Pairing:
@@ -296,4 +331,22 @@ def nnx_lora_pairing(scale: Scale = 1.0) -> Pairing:
     scale your model applies (a float, or a function of the layer path) if it multiplies the LoRA branch.
     The layer name of a pair is the path of its ``nnx.LoRA`` module (``""`` for a bare ``nnx.LoRA``).
     """
-    return NamePairing(r"^(?:(?P<layer>.*)/)?lora_a$", r"^(?:(?P<layer>.*)/)?lora_b$", scale, name="nnx_lora_pairing")
+    return NamePairing(
+        r"^(?:(?P<layer>.*)/)?lora_a$",
+        r"^(?:(?P<layer>.*)/)?lora_b$",
+        scale,
+        kernel_path=_nnx_lora_kernel,
+        module_name=_nnx_lora_module,
+        name="nnx_lora_pairing",
+    )
+
+
+def _nnx_lora_kernel(layer: str) -> str:
+    """``nnx.LoRALinear`` keeps its ``nnx.LoRA`` at ``<module>/lora`` and its kernel at ``<module>/kernel``."""
+    parent, _, last = layer.rpartition("/")
+    return f"{parent}/kernel" if parent and last == "lora" else f"{layer}/base_module/kernel" if layer else "base_module/kernel"
+
+
+def _nnx_lora_module(layer: str) -> str:
+    parent, _, last = layer.rpartition("/")
+    return (parent if last == "lora" else layer).replace("/", ".")

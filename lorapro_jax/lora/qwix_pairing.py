@@ -71,6 +71,12 @@ class QwixPairing(NamePairing):
     def _scale_unused(layer: str) -> float:  # pragma: no cover - scale_for is overridden
         raise AssertionError
 
+    def kernel_path(self, name: str) -> str:
+        return name  # qwix's layer name is the adapted weight's own path, e.g. "layers/0/mlp/kernel"
+
+    def module_name(self, name: str) -> str:
+        return name.rpartition("/")[0].replace("/", ".")
+
     def scale_for(self, layer: str, a_path: str, a_shape: tuple[int, ...]) -> float:
         module = layer.rpartition("/")[0]
         tried = [module]

@@ -185,3 +185,60 @@ def test_state_layout_is_per_layer():
     assert adam.mu["rest"]["head/kernel"].shape == (8, 3)
     st = lp.paired(lp.lora_pro_adamw(1e-2, form="efficient"), PAIRING).init(params)
     assert set(st.inner[0][1].mu["pairs"]["fc"]) == {"a", "b"}  # pairs stored as plain dicts
+
+
+# -- errors that name the paths ------------------------------------------------------------------------
+def _tree(**over):
+    t = {"fc": {"lora_A": jnp.ones((6, 2)), "lora_B": jnp.ones((2, 8))}, "head": {"kernel": jnp.ones((8, 3))}}
+    for k, v in over.items():
+        t["fc"][k] = v
+    return t
+
+
+PLAIN = lp.name_pairing(r"(?P<layer>.*)/lora_A$", r"(?P<layer>.*)/lora_B$", 1.0)
+
+
+def test_error_a_without_b_and_b_without_a():
+    t = _tree()
+    del t["fc"]["lora_B"]
+    with pytest.raises(ValueError, match=r"A fc/lora_A \(layer 'fc'\) has no B"):
+        PLAIN.plan(t)
+    t = _tree()
+    del t["fc"]["lora_A"]
+    with pytest.raises(ValueError, match=r"B fc/lora_B \(layer 'fc'\) has no A"):
+        lp.paired(lp.lora_pro_sgd(0.1), PLAIN).init(t)
+
+
+def test_error_mismatched_ranks_names_both_paths():
+    with pytest.raises(ValueError, match=r"'fc'.*fc/lora_A has shape \(6, 2\), fc/lora_B has shape \(3, 8\)"):
+        PLAIN.plan(_tree(lora_B=jnp.ones((3, 8))))
+
+
+def test_error_scale_not_determined():
+    p = lp.name_pairing(r"(?P<layer>.*)/lora_A$", r"(?P<layer>.*)/lora_B$", lambda layer: None)
+    with pytest.raises(ValueError, match=r"cannot determine the LoRA scale of layer 'fc' \(fc/lora_A\)"):
+        p.plan(_tree())
+    p = lp.name_pairing(r"(?P<layer>.*)/lora_A$", r"(?P<layer>.*)/lora_B$", lambda layer: {"x": 1.0}[layer])
+    with pytest.raises(ValueError, match=r"scale function failed for layer 'fc'"):
+        p.plan(_tree())
+
+
+def test_error_no_pair_and_bad_patterns():
+    with pytest.raises(ValueError, match=r"name_pairing found no LoRA pair .*head/kernel"):
+        PLAIN.plan({"head": {"kernel": jnp.ones((8, 3))}})
+    with pytest.raises(ValueError, match=r"nnx_lora_pairing found no LoRA pair"):
+        lp.paired(lp.lora_pro_sgd(0.1), lp.nnx_lora_pairing()).init(_tree())
+    with pytest.raises(ValueError, match="no group naming the layer"):
+        lp.name_pairing(r"lora_A$", r"(?P<layer>.*)/lora_B$", 1.0)
+    both = lp.name_pairing(r"(?P<layer>.*)/lora_", r"(?P<layer>.*)/lora_B", 1.0)
+    with pytest.raises(ValueError, match=r"fc/lora_B matches both"):
+        both.plan(_tree())
+    two = lp.name_pairing(r"(?P<layer>[^/]*)/.*A$", r"(?P<layer>[^/]*)/lora_B$", 1.0)
+    with pytest.raises(ValueError, match=r"layer 'fc' has two A factors: fc/lora_A and fc/x_A"):
+        two.plan(_tree(x_A=jnp.ones((6, 2))))
+
+
+def test_stacked_factors_are_refused_with_the_path():
+    t = {"blocks": {"lora_A": jnp.ones((3, 6, 2)), "lora_B": jnp.ones((3, 2, 8))}}
+    with pytest.raises(NotImplementedError, match=r"'blocks'.*blocks/lora_A \(3, 6, 2\).*1 leading batch axes"):
+        PLAIN.plan(t)

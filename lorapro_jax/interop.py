@@ -1,0 +1,208 @@
+"""LoRA-GA init and PEFT export for trees that hold A and B as separate leaves (qwix, ``nnx.LoRA``, any tree).
+
+The same :class:`~lorapro_jax.lora.foreign.Pairing` that :func:`~lorapro_jax.paired` uses finds the pairs. Where
+the layout allows it these functions do what :func:`~lorapro_jax.lora_ga_init` and
+:func:`~lorapro_jax.export.save_peft_adapter` do for our own ``apply_lora`` models; elsewhere they raise a
+``ValueError`` that says which layer and why ("not supported for this pairing").
+
+LoRA-GA: Wang et al., "LoRA-GA: Low-Rank Adaptation with Gradient Approximation", arXiv 2407.05000.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .init.lora_ga import _check_options, _as_key, lora_ga_factors
+from .lora.foreign import Pairing, PairPlan, _flatten, _unwrap
+from .lora.pairing import LoraPair
+
+__all__ = ["foreign_pairs", "lora_ga_init_paired", "peft_state_dict_paired", "save_peft_adapter_paired"]
+
+
+def foreign_pairs(tree: Any, pairing: Pairing) -> dict[str, LoraPair]:
+    """``{layer name: LoraPair(a, b, scale)}`` of a tree, as the pairing sees it."""
+    return dict(pairing.plan(tree).pack(tree)["pairs"])
+
+
+def _kernel_index(plan: PairPlan, pairing: Pairing, name: str, who: str) -> int:
+    path = pairing.kernel_path(name)
+    if path is None:
+        raise ValueError(
+            f"{who}: not supported for this pairing ({pairing.name}): it does not know where the base kernel of layer "
+            f"{name!r} is (name_pairing: pass kernel_path=, a function of the layer name)."
+        )
+    if path in plan.paths:
+        return plan.paths.index(path)
+    below = [p for p in plan.paths if p.startswith(path + "/")]
+    why = (
+        f"it is stored as {below} (a quantized weight? LoRA-GA rewrites W0 and needs it in floating point)"
+        if below
+        else "no such leaf in the tree (pass the full model state, e.g. nnx.as_pure(nnx.state(model)))"
+    )
+    raise ValueError(f"{who}: not supported for layer {name!r}: its base kernel {path!r}: {why}.")
+
+
+def lora_ga_init_paired(
+    params: Any,
+    grads: Mapping[str, Any],
+    pairing: Pairing,
+    *,
+    direction: str = "ArB2r",
+    scale: str = "stable",
+    stable_gamma: float = 16.0,
+    svd: str = "randomized",
+    n_iter: int = 4,
+    rng: Any = None,
+) -> tuple[Any, dict[str, LoraPair]]:
+    """LoRA-GA initialisation of the pairs of a foreign tree (what :func:`~lorapro_jax.lora_ga_init` does in place).
+
+    For each ``layer -> dL/dW0`` of ``grads`` (in the base kernel's shape, e.g. from ``nnx.grad`` with respect
+    to the base kernels): ``(A0, B0)`` from :func:`~lorapro_jax.init.lora_ga.lora_ga_factors` with the pair's
+    rank and scale, written as ``a = A0ᵀ``, ``b = B0ᵀ``, and the base kernel set to ``W0 − s a b`` (computed in
+    at least float32), so the model's output is unchanged up to rounding. Layer ``i`` of ``grads`` uses
+    ``fold_in(rng, i)``, as ``lora_ga_init`` does.
+
+    Supported where the base kernel is a floating-point leaf of ``params`` at ``pairing.kernel_path(layer)`` with
+    the shape ``(*in, *out)`` of the pair (qwix Linear / Einsum with its contracting axes first, ``nnx.LoRALinear``,
+    ``name_pairing(..., kernel_path=...)``); a quantized base (QLoRA) or another axis order is an error naming the
+    layer.
+
+    Args:
+      params: the full tree (factors and base kernels), e.g. ``nnx.as_pure(nnx.state(model))``.
+      grads: ``{layer name: dL/dW0}`` (layer names as in ``pairing.plan(params).pairs``).
+      pairing: the tree's pairing.
+      direction, scale, stable_gamma, svd, n_iter, rng: as in :func:`~lorapro_jax.lora_ga_init`.
+
+    Returns:
+      ``(new_params, record)``: the tree with new factors and kernels (apply it with ``nnx.update(model,
+      new_params)``) and ``{layer: LoraPair(a0, b0, s)}``, the initial adapters.
+    """
+    _check_options(direction, scale, svd, stable_gamma)
+    plan = pairing.plan(params)
+    paths, leaves, treedef = _flatten(params)
+    leaves = [_unwrap(x) for x in leaves]
+    specs = plan.pair_by_name()
+    key = _as_key(rng)
+    record: dict[str, LoraPair] = {}
+    for i, (name, grad) in enumerate(grads.items()):
+        spec = specs.get(name)
+        if spec is None:
+            raise ValueError(f"lora_ga_init_paired: {name!r} is not a LoRA layer of the tree. Layers: {list(specs)}")
+        k = _kernel_index(plan, pairing, name, "lora_ga_init_paired")
+        w0 = leaves[k]
+        kshape = spec.a_shape[:-1] + spec.b_shape[1:]
+        if tuple(w0.shape) != kshape or not jnp.issubdtype(w0.dtype, jnp.floating):
+            raise ValueError(
+                f"lora_ga_init_paired: not supported for layer {name!r}: its base kernel {paths[k]} is "
+                f"{tuple(w0.shape)} {w0.dtype}, expected a floating-point (*in, *out) = {kshape} kernel matching "
+                f"a {spec.a_shape} and b {spec.b_shape}."
+            )
+        n, r = math.prod(spec.a_shape[:-1]), spec.a_shape[-1]
+        g = jnp.asarray(grad)
+        if g.shape != w0.shape:
+            raise ValueError(f"lora_ga_init_paired: the gradient of {name!r} is {tuple(g.shape)}, expected {tuple(w0.shape)}.")
+        if not bool(jnp.all(jnp.isfinite(g))) or not bool(jnp.any(g != 0)):
+            raise ValueError(f"lora_ga_init_paired: the gradient of {name!r} is non-finite or identically zero.")
+        try:
+            a0, b0 = lora_ga_factors(
+                g.reshape(n, -1).T, r, spec.scale, direction=direction, scale_mode=scale,
+                stable_gamma=stable_gamma, svd=svd, n_iter=n_iter, key=jax.random.fold_in(key, i),
+            )
+        except ValueError as e:
+            raise ValueError(f"lora_ga_init_paired: layer {name!r}: {e}") from e
+        a_old, b_old = leaves[spec.a_index], leaves[spec.b_index]
+        a = a0.T.reshape(spec.a_shape).astype(a_old.dtype)
+        b = b0.T.reshape(spec.b_shape).astype(b_old.dtype)
+        wide = jnp.promote_types(w0.dtype, jnp.float32)
+        delta = spec.scale * (a.reshape(n, r).astype(wide) @ b.reshape(r, -1).astype(wide))
+        leaves[k] = (w0.astype(wide) - delta.reshape(w0.shape)).astype(w0.dtype)
+        leaves[spec.a_index], leaves[spec.b_index] = a, b
+        record[name] = LoraPair(a, b, spec.scale)
+    return jax.tree_util.tree_unflatten(treedef, leaves), record
+
+
+def peft_state_dict_paired(tree: Any, pairing: Pairing, *, prefix: str = "", dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """PEFT tensors ``base_model.model.<prefix><module>.lora_{A,B}.weight`` (``(r, in)``, ``(out, r)``) of a tree.
+
+    ``<module>`` is ``pairing.module_name(layer)`` (qwix: the module path, ``nnx.LoRALinear``: the layer's path,
+    dotted). Only 2-D factors (``a (in, r)``, ``b (r, out)``, as for torch ``nn.Linear``) are supported; a pair
+    with more axes is an error naming it.
+    """
+    prefix = prefix if not prefix or prefix.endswith(".") else prefix + "."
+    out: dict[str, np.ndarray] = {}
+    for name, p in foreign_pairs(tree, pairing).items():
+        if p.a.ndim != 2 or p.b.ndim != 2:
+            raise ValueError(
+                f"peft_state_dict_paired: not supported for layer {name!r}: factors a{tuple(p.a.shape)}, "
+                f"b{tuple(p.b.shape)} have more than 2 axes; PEFT's LoRA adapts 2-D nn.Linear weights."
+            )
+        module = pairing.module_name(name)
+        a_t, b_t = np.asarray(jax.device_get(p.a)).T, np.asarray(jax.device_get(p.b)).T
+        if dtype is not None:
+            a_t, b_t = a_t.astype(dtype), b_t.astype(dtype)
+        for kind, x in (("A", a_t), ("B", b_t)):
+            key = f"base_model.model.{prefix}{module}.lora_{kind}.weight"
+            if key in out:
+                raise ValueError(f"peft_state_dict_paired: two layers map to the PEFT module {prefix}{module!r}.")
+            out[key] = np.ascontiguousarray(x)
+    return out
+
+
+def _peft_config(info: dict[str, tuple[int, float]], base_model_name_or_path: str | None, task_type: str | None) -> dict:
+    from .export import peft_module_rank_alpha
+
+    clean = lambda x: float(f"{x:.10g}") if math.isclose(float(f"{x:.10g}"), x, rel_tol=1e-12) else x
+    r = collections.Counter(rk for rk, _ in info.values()).most_common(1)[0][0]
+    alpha = collections.Counter(clean(s * rk) for rk, s in info.values()).most_common(1)[0][0]
+    cfg = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "inference_mode": True, "r": int(r), "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": sorted(info), "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
+        "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {m: rk for m, (rk, _) in info.items() if rk != r},
+        "alpha_pattern": {m: clean(s * rk) for m, (rk, s) in info.items() if not math.isclose(alpha / rk, s, rel_tol=1e-9)},
+        "use_dora": False,
+    }
+    for m, (rk, s) in info.items():  # the scales PEFT will compute, by its own matching rules
+        pr, _, ps = peft_module_rank_alpha(cfg, m)
+        if pr != rk or not math.isclose(ps, s, rel_tol=1e-9):
+            raise ValueError(f"save_peft_adapter_paired: module {m!r} (rank {rk}, scale {s}) would get rank {pr}, scale {ps} in PEFT.")
+    return cfg
+
+
+def save_peft_adapter_paired(
+    tree: Any,
+    pairing: Pairing,
+    out_dir: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None,
+    prefix: str = "",
+    task_type: str | None = None,
+    dtype: Any = np.float32,
+) -> Path:
+    """Writes a PEFT adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``) from a foreign tree.
+
+    Tensors as :func:`peft_state_dict_paired`; ``r`` / ``lora_alpha`` the most common rank and ``scale · r``, with
+    ``rank_pattern`` / ``alpha_pattern`` for the other layers, so PEFT rebuilds every layer's scale. Loadable with
+    ``PeftModel.from_pretrained`` and :func:`lorapro_jax.export.load_peft_adapter`.
+    """
+    from .export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, _save_safetensors
+
+    prefix_n = prefix if not prefix or prefix.endswith(".") else prefix + "."
+    tensors = peft_state_dict_paired(tree, pairing, prefix=prefix, dtype=dtype)
+    info = {f"{prefix_n}{pairing.module_name(n)}": (p.rank, p.scale) for n, p in foreign_pairs(tree, pairing).items()}
+    cfg = _peft_config(info, base_model_name_or_path, task_type)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_safetensors(tensors, out / PEFT_WEIGHTS_NAME, {"format": "pt"})
+    (out / PEFT_CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return out
