@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable
@@ -41,7 +42,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from .checkpoint_checks import load_json_item, restore_item, validate_meta, verify_arrays
 from .errors import CorruptFileError, check_config, check_module, check_path
+from .integrity import fingerprints
 from .lora.config import LoraConfig
 from .lora.nnx_lora import LoRAGate, LoRAMask, LoRAParam, LoRAStat, lora_layers
 
@@ -55,6 +58,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+_ADAPTERS_EXPECTED = "a lorapro_jax adapter checkpoint written by save_adapters"
+_TRAIN_EXPECTED = "a lorapro_jax training checkpoint written by TrainCheckpointer.save"
+_log = logging.getLogger(__name__)
 
 #: The LoRA variables saved by :func:`save_adapters`: factors, gates, masks and statistics.
 ADAPTER_FILTER = nnx.Any(LoRAParam, LoRAGate, LoRAMask, LoRAStat)
@@ -154,8 +160,27 @@ def _to_plain(state: nnx.State) -> dict:
     return _nest((path, _storable(leaf)) for path, _, _, leaf in _flat_leaves(state))
 
 
-def _template(state: nnx.State) -> dict:
-    return _nest((path, _template_leaf(leaf)) for path, _, _, leaf in _flat_leaves(state))
+def _template(state: nnx.State, saved: dict[str, list] | None = None) -> dict:
+    """Restore template of ``state``; with ``saved`` specs, in the stored dtype (cast on write-back)."""
+
+    def leaf_t(path, leaf):
+        t = _template_leaf(leaf)
+        if saved is not None:
+            t = jax.ShapeDtypeStruct(t.shape, jnp.dtype(saved["/".join(path)][1]), sharding=t.sharding)
+        return t
+
+    return _nest((path, leaf_t(path, leaf)) for path, _, _, leaf in _flat_leaves(state))
+
+
+def _flat_fingerprints(plain: dict) -> dict[str, int]:
+    flat = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            walk(v, prefix + (k,)) if isinstance(v, dict) else flat.__setitem__("/".join(prefix + (k,)), v)
+
+    walk(plain, ())
+    return fingerprints(flat)
 
 
 def _check_specs(group: str, saved: dict[str, list], target: dict[str, list]) -> None:
@@ -186,6 +211,8 @@ def _write_back(target: Any, state: nnx.State, restored: dict) -> None:
             value = jax.random.wrap_key_data(value, impl=_key_impl(leaf))
         elif isinstance(leaf, (bool, int, float)):
             value = type(leaf)(np.asarray(value))
+        elif getattr(value, "dtype", None) != getattr(leaf, "dtype", None):
+            value = value.astype(leaf.dtype)  # stored dtype -> the target's
         by_var.setdefault(id(var), (var, []))[1].append(value)
     for var, leaves in by_var.values():
         treedef = jax.tree_util.tree_structure(var.get_value())
@@ -254,6 +281,18 @@ def _has_leaves(state: nnx.State) -> bool:
     return bool(_flat_leaves(state))
 
 
+def _warn_unfinished(directory: str) -> None:
+    """Logs every temporary step folder of an interrupted save (orbax then removes them)."""
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        if ocp.utils.TMP_DIR_SUFFIX in name:
+            _log.warning(
+                "removing the unfinished checkpoint %s: its save was interrupted before orbax renamed it into place, "
+                "so it was never a checkpoint and is not restored", os.path.join(directory, name)
+            )
+
+
 def _check_targets(who: str, sig: str, model: Any, optimizer: Any, rngs: Any) -> None:
     check_module(model, "model", who, sig)
     if optimizer is not None and not isinstance(optimizer, nnx.Optimizer):
@@ -294,12 +333,14 @@ def save_adapters(
     if not layers:
         raise ValueError("save_adapters: the model has no LoRA layers (apply_lora first).")
     state = nnx.state(model, ADAPTER_FILTER)
+    plain = _to_plain(state)
     meta = {
         "format": "lorapro_jax.adapters",
         "version": FORMAT_VERSION,
         "layers": layers,
         "config": _config_dict(config),
         "leaves": _leaf_specs(state),
+        "fingerprints": _flat_fingerprints(plain),
         "extra": extra,
     }
     json.dumps(meta)  # fail early, before anything is written, on non-serialisable extras
@@ -307,7 +348,7 @@ def save_adapters(
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(
             path,
-            args=ocp.args.Composite(adapters=ocp.args.StandardSave(_to_plain(state)), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(adapters=ocp.args.StandardSave(plain), meta=ocp.args.JsonSave(meta)),
             force=overwrite,
         )
     return path
@@ -316,8 +357,16 @@ def save_adapters(
 def read_adapter_metadata(path: str | os.PathLike) -> dict:
     """The JSON metadata of an adapter checkpoint (``layers``: rank/scale/shapes per path, ``config``, ...)."""
     check_path(path, "path", "read_adapter_metadata", "read_adapter_metadata(path)")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        return dict(ckptr.restore(_abspath(path), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    path = _abspath(path)
+
+    def read():
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            return ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    meta = load_json_item(read, path, "meta", _ADAPTERS_EXPECTED)
+    validate_meta(meta, os.path.join(path, "meta", "metadata"), "lorapro_jax.adapters", FORMAT_VERSION,
+                  _ADAPTERS_EXPECTED, groups=None)
+    return dict(meta)
 
 
 def restore_adapters(path: str | os.PathLike, model: nnx.Module) -> dict:
@@ -329,7 +378,14 @@ def restore_adapters(path: str | os.PathLike, model: nnx.Module) -> dict:
     Returns:
       The checkpoint's JSON metadata.
 
+    All or nothing: every array is read and checked (recorded shapes, dtypes and fingerprints) before
+    any is written into ``model``; after an error ``model`` holds exactly what it held before.
+
     Raises:
+      TypeError: ``path`` / ``model`` swapped or of the wrong type.
+      FileNotFoundError: ``path`` does not exist.
+      CorruptFileError: a file of the checkpoint is corrupt, truncated, missing or not an adapter
+        checkpoint (the message names the file).
       ValueError: the checkpoint does not fit ``model`` (the message names the paths), or a target
         layer is merged.
     """
@@ -338,15 +394,17 @@ def restore_adapters(path: str | os.PathLike, model: nnx.Module) -> dict:
     check_module(model, "model", "restore_adapters", sig)
     path = _abspath(path)
     meta = read_adapter_metadata(path)
-    if meta.get("format") != "lorapro_jax.adapters":
-        raise ValueError(f"{path} is not a lorapro_jax adapter checkpoint (format {meta.get('format')!r}).")
     _check_layers(meta["layers"], model)
     state = nnx.state(model, ADAPTER_FILTER)
     _check_specs("adapters", meta["leaves"], _leaf_specs(state))
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        restored = ckptr.restore(
-            path, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(_template(state)))
-        )["adapters"]
+    template = _template(state, meta["leaves"])
+
+    def read():
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            return ckptr.restore(path, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(template)))["adapters"]
+
+    restored = restore_item(read, path, "adapters", _ADAPTERS_EXPECTED)
+    verify_arrays(restored, meta["leaves"], meta.get("fingerprints"), os.path.join(path, "adapters"), _ADAPTERS_EXPECTED)
     _write_back(model, state, restored)
     return meta
 
@@ -418,11 +476,13 @@ class TrainCheckpointer:
             raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}.")
         self.directory = _abspath(directory)
         self.also_save = also_save
+        _warn_unfinished(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=True,  # interrupted saves: orbax's temporary step folders
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -475,7 +535,10 @@ class TrainCheckpointer:
                 raise ValueError("TrainCheckpointer.save: step=None needs an optimizer to read the step from.")
             step = int(optimizer.step[...])
         step = int(step)
+        if not force and not self.manager.should_save(step):
+            return False
         groups = self._groups(model, optimizer, rngs)
+        plains = {name: _to_plain(state) for name, (_, state) in groups.items()}
         meta = {
             "format": "lorapro_jax.train",
             "version": FORMAT_VERSION,
@@ -484,12 +547,13 @@ class TrainCheckpointer:
             "extra": extra,
             "layers": _layer_metadata(model),
             "groups": {name: _leaf_specs(state) for name, (_, state) in groups.items()},
+            "fingerprints": {name: _flat_fingerprints(plain) for name, plain in plains.items()},
         }
         try:
             json.dumps(meta)
         except TypeError as e:
             raise TypeError(f"TrainCheckpointer.save: data_state / extra must be JSON-serialisable ({e}).") from e
-        items = {name: ocp.args.StandardSave(_to_plain(state)) for name, (_, state) in groups.items()}
+        items = {name: ocp.args.StandardSave(plain) for name, plain in plains.items()}
         return bool(self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items), force=force))
 
     def restore(
@@ -499,6 +563,7 @@ class TrainCheckpointer:
         *,
         step: int | None = None,
         rngs: nnx.Rngs | None = None,
+        skip_corrupt: bool = False,
     ) -> RestoredTrainState:
         """Restores a checkpoint in place into ``model`` / ``optimizer`` / ``rngs`` (concrete or abstract).
 
@@ -511,23 +576,51 @@ class TrainCheckpointer:
           optimizer: the optimizer to restore into (same ``tx`` and ``wrt``).
           step: which step (default: the latest).
           rngs: the extra ``nnx.Rngs`` given to :meth:`save`.
+          skip_corrupt: with ``step=None``: if the latest checkpoint is corrupt, log a warning naming it
+            and its error and try the next older one (for resuming after a crash).
+
+        All or nothing: the metadata and every array group are read and checked (recorded shapes,
+        dtypes and fingerprints) before anything is written; after an error the targets hold exactly
+        what they held before. Checkpoints whose save was interrupted are never seen: orbax writes a
+        step into a temporary folder and renames it when complete (such folders are removed when the
+        checkpointer is created, with a warning).
 
         Returns:
           :class:`RestoredTrainState` ``(step, data_state, extra)``.
 
         Raises:
           FileNotFoundError: no checkpoint in the directory.
+          CorruptFileError: a file of the checkpoint is corrupt, truncated or missing (names the file).
           ValueError: the checkpoint does not fit the targets (the message names the paths).
         """
         _check_targets("TrainCheckpointer.restore", "restore(model, optimizer, step=...)", model, optimizer, rngs)
         self.manager.wait_until_finished()
-        if step is None:
-            step = self.manager.latest_step()
+        if step is not None or not skip_corrupt:
+            if step is None:
+                step = self.manager.latest_step()
             if step is None:
                 raise FileNotFoundError(f"no checkpoint found in {self.directory}")
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if meta.get("format") != "lorapro_jax.train":
-            raise ValueError(f"step {step} in {self.directory} is not a lorapro_jax training checkpoint.")
+            return self._restore_step(int(step), model, optimizer, rngs)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        for i, s in enumerate(steps):
+            try:
+                return self._restore_step(s, model, optimizer, rngs)
+            except CorruptFileError as e:
+                if i == len(steps) - 1:
+                    raise
+                _log.warning("skipping corrupt checkpoint step %d (%s); trying step %d", s, e, steps[i + 1])
+        raise AssertionError("unreachable")
+
+    def _restore_step(self, step: int, model, optimizer, rngs) -> RestoredTrainState:
+        step_dir = os.path.join(self.directory, str(step))
+        meta = load_json_item(
+            lambda: self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"],
+            step_dir, "meta", _TRAIN_EXPECTED,
+        )
+        validate_meta(meta, os.path.join(step_dir, "meta", "metadata"), "lorapro_jax.train", FORMAT_VERSION,
+                      _TRAIN_EXPECTED, groups=())
         _check_layers(meta["layers"], model)
         groups = self._groups(model, optimizer, rngs)
         saved_groups = meta["groups"]
@@ -538,8 +631,12 @@ class TrainCheckpointer:
             )
         for name, (_, state) in groups.items():
             _check_specs(name, saved_groups[name], _leaf_specs(state))
-        items = {name: ocp.args.StandardRestore(_template(state)) for name, (_, state) in groups.items()}
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        fps = meta.get("fingerprints") or {}
+        restored = {}
+        for name, (_, state) in groups.items():  # read and check every group before writing any
+            args = ocp.args.Composite(**{name: ocp.args.StandardRestore(_template(state, saved_groups[name]))})
+            restored[name] = restore_item(lambda: self.manager.restore(step, args=args)[name], step_dir, name, _TRAIN_EXPECTED)
+            verify_arrays(restored[name], saved_groups[name], fps.get(name), os.path.join(step_dir, name), _TRAIN_EXPECTED)
         for name, (target, state) in groups.items():
             _write_back(target, state, restored[name])
         return RestoredTrainState(step=int(meta["step"]), data_state=meta["data_state"], extra=meta["extra"])

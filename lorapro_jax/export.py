@@ -196,9 +196,11 @@ def _save_safetensors(tensors: Mapping[str, np.ndarray], file: Path, metadata: d
 
 def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
     """Reads every tensor of a safetensors file as numpy (bf16 through ``ml_dtypes``)."""
+    from .integrity import read_safetensors_header
+
+    header, start_of_data = read_safetensors_header(file)
     with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        f.seek(start_of_data)
         data = f.read()
     out = {}
     for k, info in header.items():
@@ -446,6 +448,24 @@ def save_peft_adapter(
     return out_dir
 
 
+_PEFT_CONFIG_EXPECTED = "a PEFT adapter_config.json: a JSON object with integer r > 0 and numeric lora_alpha"
+
+
+def _read_peft_config(file: Path) -> dict[str, Any]:
+    from .integrity import read_json, require
+
+    cfg = read_json(file, _PEFT_CONFIG_EXPECTED)
+    require(isinstance(cfg, dict), file, _PEFT_CONFIG_EXPECTED, f"it holds a JSON {type(cfg).__name__}")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    require(isinstance(r, int) and not isinstance(r, bool) and r > 0, file, _PEFT_CONFIG_EXPECTED, f"r is {r!r}")
+    require(isinstance(alpha, (int, float)) and not isinstance(alpha, bool), file, _PEFT_CONFIG_EXPECTED,
+            f"lora_alpha is {alpha!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        require(isinstance(cfg.get(key) or {}, dict), file, _PEFT_CONFIG_EXPECTED, f"{key} is not a mapping")
+    require(isinstance(cfg.get("peft_type", "LORA"), str), file, _PEFT_CONFIG_EXPECTED, "peft_type is not a string")
+    return cfg
+
+
 def load_peft_adapter(
     model: nnx.Module, adapter_dir: str | os.PathLike, *, prefix: str = "", allow_flatten: bool = False
 ) -> dict[str, Any]:
@@ -476,7 +496,7 @@ def load_peft_adapter(
     check_module(model, "model", "load_peft_adapter", sig)
     check_path(adapter_dir, "adapter_dir", "load_peft_adapter", sig)
     adapter_dir = Path(adapter_dir)
-    cfg = json.loads((adapter_dir / PEFT_CONFIG_NAME).read_text())
+    cfg = _read_peft_config(adapter_dir / PEFT_CONFIG_NAME)
     if cfg.get("peft_type", "LORA").upper() != "LORA":
         raise ValueError(f"load_peft_adapter: {adapter_dir} holds a {cfg.get('peft_type')} adapter, not LORA.")
     if cfg.get("use_dora"):
@@ -513,10 +533,14 @@ def load_peft_adapter(
         new[path] = (a_t, b_t, r, scale)
     if errors:
         raise ValueError("load_peft_adapter: shape mismatch:\n  " + "\n  ".join(errors))
+    merged = [p for p in new if layers[p].merged]
+    if merged:  # checked before anything is written: a failed load leaves the model as it was
+        raise ValueError(f"load_peft_adapter: LoRA layers {merged} are merged; unmerge them first.")
+    nonfinite = sorted(k for k, v in tensors.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all())
+    if nonfinite:
+        raise CorruptFileError(adapter_dir / PEFT_WEIGHTS_NAME, "finite LoRA weights", f"NaN or inf in {nonfinite[:5]}")
     for path, (a_t, b_t, r, scale) in new.items():
         layer = layers[path]
-        if layer.merged:
-            raise ValueError(f"load_peft_adapter: LoRA layer {path!r} is merged; unmerge it first.")
         old = layer.pair
         spec = layer.spec
         a = jnp.asarray(a_t.T.reshape(spec.in_shape + (r,)), dtype=old.a.dtype)

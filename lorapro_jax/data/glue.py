@@ -304,14 +304,24 @@ def load_local_files(
         if not os.path.exists(f):
             raise FileNotFoundError(f"data file not found: {f}")
     builder, kwargs = _infer_format(files)
+    import pyarrow
+
     with _offline_mode(hub_offline()):
-        return datasets.load_dataset(
-            builder,
-            data_files={"data": files},
-            split="data" + bracket + rest,
-            cache_dir=None if cache_dir is None else os.fspath(cache_dir),
-            **kwargs,
-        )
+        try:
+            return datasets.load_dataset(
+                builder,
+                data_files={"data": files},
+                split="data" + bracket + rest,
+                cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+                **kwargs,
+            )
+        except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException, UnicodeDecodeError) as e:
+            from lorapro_jax.errors import CorruptFileError
+
+            cause = e.__cause__ or e.__context__ or e
+            where = files[0] if len(files) == 1 else ", ".join(files)
+            expected = f"a readable {'tsv' if kwargs else builder} file of labelled examples"
+            raise CorruptFileError(where, expected, f"{type(cause).__name__}: {str(cause)[:300]}") from e
 
 
 def _conform_local(ds: Any, info: GlueTask, column_map: Mapping[str, str] | None) -> Any:

@@ -36,6 +36,20 @@ def label_names(dataset: Any) -> list[str]:
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else []
 
 
+def _check_rows(ds: Any, files: Any, columns: list[str]) -> None:
+    """Ragged csv rows and empty text / label fields are errors naming the file, not silent data."""
+    from lorapro_jax.errors import CorruptFileError
+
+    where = os.fspath(files) if isinstance(files, (str, os.PathLike)) else ", ".join(map(os.fspath, files))
+    expected = f"one example per row with the columns {columns}"
+    if any(c.startswith("__index_level_") for c in ds.column_names):
+        raise CorruptFileError(where, expected, "some rows have more fields than the header")
+    for c in columns:
+        bad = [i for i, v in enumerate(ds[c]) if v is None or (isinstance(v, str) and not v.strip() and c != "text_pair")]
+        if bad:
+            raise CorruptFileError(where, expected, f"rows {bad[:5]} (0-based, header excluded) have no {c!r} value")
+
+
 def _is_string_feature(feature: Any) -> bool:
     return getattr(feature, "dtype", None) in ("string", "large_string")
 
@@ -101,6 +115,7 @@ def load_text_dataset(
             raise ValueError(
                 f"split {name!r}: column(s) {missing} not found; available: {ds.column_names}"
             )
+        _check_rows(ds, files, list(rename))
         ds = ds.select_columns(list(rename)).rename_columns(
             {k: v for k, v in rename.items() if k != v}
         )

@@ -192,16 +192,31 @@ def _read_raw(file: Path, keys: Iterable[str]) -> dict[str, np.ndarray]:
 
 
 def _read_file(file: Path) -> dict[str, np.ndarray]:
+    from ..integrity import read_safetensors_header
+
+    read_safetensors_header(file)  # names the file if it is truncated or not safetensors
+    return _read_checked(file)
+
+
+def _read_checked(file: Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
+
+    from safetensors import SafetensorError
+
+    from ..errors import CorruptFileError
+    from ..integrity import SAFETENSORS_EXPECTED
 
     out: dict[str, np.ndarray] = {}
     fallback: list[str] = []
-    with safe_open(str(file), framework="numpy") as f:
-        for k in f.keys():  # noqa: SIM118 - safe_open is not iterable
-            try:
-                out[k] = f.get_tensor(k)
-            except TypeError:  # bfloat16 etc. have no numpy dtype
-                fallback.append(k)
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            for k in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                try:
+                    out[k] = f.get_tensor(k)
+                except TypeError:  # bfloat16 etc. have no numpy dtype
+                    fallback.append(k)
+    except SafetensorError as e:
+        raise CorruptFileError(file, SAFETENSORS_EXPECTED, f"SafetensorError: {e}") from e
     if fallback:
         out.update(_read_raw(file, fallback))
     return out
@@ -239,7 +254,17 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _read_sharded(index: Path) -> dict[str, np.ndarray]:
-    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    from ..integrity import read_json, require
+
+    expected = 'a safetensors index: {"weight_map": {tensor name: shard file name}}'
+    doc = read_json(index, expected)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    require(isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values()), index, expected,
+            "no weight_map of tensor name -> shard file name")
+    require(all(Path(v).name == v for v in weight_map.values()), index, expected, "a shard name is a path, not a file name")
+    for shard in sorted(set(weight_map.values())):
+        if not (index.parent / shard).is_file():
+            raise FileNotFoundError(f"{index.parent / shard}: shard listed in {index} does not exist")
     out: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
         tensors = _read_file(index.parent / shard)
@@ -569,6 +594,14 @@ def load_pretrained(
     if config is None:
         from transformers import AutoConfig
 
+        from ..integrity import read_json, require
+
+        cfg_file = path / "config.json"
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: not a directory; expected a local Hugging Face checkpoint directory")
+        expected = "a Hugging Face config.json (a JSON object with a model_type)"
+        doc = read_json(cfg_file, expected)
+        require(isinstance(doc, dict) and isinstance(doc.get("model_type"), str), cfg_file, expected, "no model_type")
         config = AutoConfig.from_pretrained(str(path), local_files_only=True, **dict(config_overrides or {}))
     elif config_overrides:
         for k, v in config_overrides.items():
