@@ -66,6 +66,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments import alignment
 import lorapro_jax as lp
 from lorapro_jax.data import (
     BBC_LABELS,
@@ -191,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--clip-norm", type=float, default=1.0, help="clip the raw gradients' global norm (0: off)")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end of each epoch)")
+    g.add_argument("--log-alignment-every", type=int, default=0,
+                   help="every N steps (and at step 1) log to metrics.jsonl the cosine between the step's update of "
+                        "the target kernels and the full fine-tuning gradient there (experiments.alignment; costs "
+                        "one extra forward/backward per measurement; 0: off)")
     g.add_argument("--no-train-head", action="store_true", help="LoRA methods: freeze the classification head")
 
     g = p.add_argument_group("LoRA")
@@ -202,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--targets", default=None,
                    help="LoRA targets: a regex (full match on the dotted module path) or comma-separated "
                         "module-name suffixes (default: the model family's attention query/value)")
-    g.add_argument("--lora-pro-form", choices=("full", "efficient", "lean"), default="full")
+    g.add_argument("--lora-pro-form", choices=("full", "efficient", "lean", "sgd"), default="full",
+                   help="LoRA-Pro form: full (paper AdamW), efficient, lean (ours), or sgd (the paper's SGD form: "
+                        "plain SGD on the adjusted gradients; the head and other trained leaves get plain SGD too)")
     g.add_argument("--x-mode", choices=("sylvester", "zero", "symmetry"), default="sylvester")
     g.add_argument("--lora-plus-ratio", type=float, default=16.0, help="LoRA+: lr(B) / lr(A)")
     g.add_argument("--lora-ga-batches", type=int, default=4, help="LoRA-GA: batches for the gradient estimate")
@@ -746,7 +753,11 @@ def peak_lr(args: argparse.Namespace, method: str) -> float:
 def make_tx(args: argparse.Namespace, method: str, schedule: optax.Schedule) -> optax.GradientTransformation:
     """The optax optimizer of ``method`` (clipping of the raw gradients first when ``--clip-norm``)."""
     wd = args.weight_decay
-    if method == "lora-pro":
+    if method == "lora-pro" and args.lora_pro_form == "sgd":
+        if wd:
+            raise SystemExit("--lora-pro-form sgd has no weight decay; pass --weight-decay 0")
+        tx = lp.lora_pro_sgd(schedule, x_mode=args.x_mode)
+    elif method == "lora-pro":
         tx = lp.lora_pro_adamw(schedule, weight_decay=wd, form=args.lora_pro_form, x_mode=args.x_mode)
     elif method == "lora-plus":
         from lorapro_jax.optim.lora_plus import lora_plus_adamw
@@ -968,6 +979,9 @@ def run(
         tx_cache[method] = (sched, make_tx(args, method, sched))
     sched, tx = tx_cache[method]
     opt = lp.LoraOptimizer(model, tx, wrt=mstate.wrt)  # keeps LoraPair-valued Adam moments
+    if args.log_alignment_every:  # full fine-tuning is measured on the layers the LoRA methods adapt
+        align_paths = alignment.kernel_paths(model, lp.LoraConfig(rank=1, targets=_targets(args, model_type)).matches)
+        align_loss = functools.partial(batch_loss, spec=spec)
 
     ckpt = None
     start_epoch, start_batch, step = 0, 0, 0
@@ -1028,7 +1042,12 @@ def run(
             compiled = shape not in seen_shapes
             seen_shapes.add(shape)
             t0 = time.perf_counter()
-            loss, gnorm = train_step(model, opt, _device_batch(batch), spec)
+            dev_batch = _device_batch(batch)
+            measure = bool(args.log_alignment_every) and (step == 0 or (step + 1) % args.log_alignment_every == 0)
+            if measure:
+                align_before = alignment.effective_kernels(model, align_paths)
+                align_grads = alignment.kernel_grads(model, align_loss, align_paths, dev_batch)
+            loss, gnorm = train_step(model, opt, dev_batch, spec)
             loss = float(loss)
             dt = time.perf_counter() - t0
             if not compiled:
@@ -1038,6 +1057,13 @@ def run(
             lr = float(sched(step))
             step += 1
             epoch_losses.setdefault(epoch, []).append(loss)
+            if measure:
+                res = alignment.update_alignment(
+                    align_before, alignment.effective_kernels(model, align_paths), align_grads
+                )
+                log.write({"type": "alignment", "step": step, "epoch": epoch, "cos_overall": res.overall,
+                           "cos_mean": res.mean, "update_norm": res.update_norm, "full_grad_norm": res.grad_norm,
+                           "per_layer": res.per_layer})
             log.write({"type": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr,
                        "grad_norm": float(gnorm), "step_time_s": dt, "compiled": compiled})
             for hook in mstate.hooks:
