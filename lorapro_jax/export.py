@@ -46,6 +46,11 @@ from .errors import CorruptFileError, check_config, check_module, check_path
 from .lora.config import LoraConfig
 from .lora.nnx_lora import LoRALayer, LoRAParam, lora_layers, merge_and_unwrap
 from .lora.pairing import lora_scale
+from .peft_modules import (
+    modules_to_save_state_dict,
+    modules_to_save_targets,
+    saved_modules,
+)
 
 __all__ = [
     "PEFT_CONFIG_NAME",
@@ -53,6 +58,7 @@ __all__ = [
     "export_merged",
     "export_merged_hf",
     "load_peft_adapter",
+    "modules_to_save_state_dict",
     "peft_config",
     "peft_module_rank_alpha",
     "peft_state_dict",
@@ -321,6 +327,7 @@ def peft_config(
     use_rslora: bool | None = None,
     target_modules: str | Sequence[str] | None = None,
     allow_flatten: bool = False,
+    modules_to_save: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The ``adapter_config.json`` dict that makes PEFT rebuild ``model``'s adapters with the same scales.
 
@@ -329,7 +336,8 @@ def peft_config(
     the most common ``scale * r`` (``scale * sqrt(r)`` with rsLoRA). Layers with another rank get a
     ``rank_pattern`` entry, layers whose scale PEFT would not reproduce an ``alpha_pattern`` entry
     (keys: full module names ``<prefix><path>``). ``target_modules`` defaults to the list of those full
-    names. The result is checked by recomputing every module's rank and scale with PEFT's rules.
+    names. ``modules_to_save`` (module paths of ``model``) is written as ``<prefix><path>``. The result is
+    checked by recomputing every module's rank and scale with PEFT's rules.
 
     Raises:
       ValueError: a layer cannot be exported (see ``allow_flatten``), ``target_modules`` misses an
@@ -352,6 +360,7 @@ def peft_config(
         name: _alpha_for(s, rk, rslora) for name, (rk, s) in info.items() if not _scale_ok(alpha, rk, rslora, s)
     }
     names = sorted(info)
+    saved = None if modules_to_save is None else [prefix + p for p in saved_modules(model, modules_to_save, "peft_config")]
     if target_modules is None:
         target_modules = names
     else:
@@ -372,7 +381,7 @@ def peft_config(
         "use_rslora": rslora,
         "fan_in_fan_out": False,
         "bias": "none",
-        "modules_to_save": None,
+        "modules_to_save": saved,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -402,6 +411,7 @@ def save_peft_adapter(
     target_modules: str | Sequence[str] | None = None,
     dtype: Any = np.float32,
     allow_flatten: bool = False,
+    modules_to_save: Sequence[str] | None = None,
 ) -> Path:
     """Writes a PEFT LoRA adapter directory: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
@@ -409,7 +419,10 @@ def save_peft_adapter(
     folded into ``lora_A``; the scale of every layer is reproduced through ``r``/``lora_alpha`` and
     ``rank_pattern``/``alpha_pattern`` (see :func:`peft_config`). Only LoRA layers whose kernels are
     2-D (``nnx.Linear``, or LinearGeneral/Einsum with one input and one output axis) are exported
-    unless ``allow_flatten``. Trainable non-LoRA modules (e.g. a classifier head) are not written.
+    unless ``allow_flatten``. Modules trained in full (e.g. a classifier head) are written only when
+    named in ``modules_to_save``, as PEFT does: their weights under ``base_model.model.<prefix><path>.*``
+    (torch layout) and the names in the config's ``modules_to_save``. A ``task_type="SEQ_CLS"`` adapter
+    without its head loads in PEFT with the torch model's own (untrained) ``classifier``.
 
     Args:
       model: a LoRA-adapted model.
@@ -422,6 +435,8 @@ def save_peft_adapter(
       target_modules: PEFT ``target_modules`` (default: the full names of the adapted modules).
       dtype: tensor dtype (default float32; ``None`` keeps the parameter dtype, bf16 included).
       allow_flatten: see :func:`peft_state_dict`.
+      modules_to_save: module paths of ``model`` saved in full (e.g. ``["classifier"]``); they must hold
+        no LoRA layer and have Hugging Face parameter names (:func:`lorapro_jax.models.hf_param_names`).
 
     Returns:
       The output directory.
@@ -439,8 +454,11 @@ def save_peft_adapter(
         use_rslora=use_rslora,
         target_modules=target_modules,
         allow_flatten=allow_flatten,
+        modules_to_save=modules_to_save,
     )
     tensors = peft_state_dict(model, prefix=prefix, allow_flatten=allow_flatten, dtype=dtype)
+    if modules_to_save:
+        tensors.update(modules_to_save_state_dict(model, modules_to_save, prefix=prefix, dtype=dtype))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _save_safetensors(tensors, out_dir / PEFT_WEIGHTS_NAME, {"format": "pt"})
@@ -467,7 +485,12 @@ def _read_peft_config(file: Path) -> dict[str, Any]:
 
 
 def load_peft_adapter(
-    model: nnx.Module, adapter_dir: str | os.PathLike, *, prefix: str = "", allow_flatten: bool = False
+    model: nnx.Module,
+    adapter_dir: str | os.PathLike,
+    *,
+    prefix: str = "",
+    allow_flatten: bool = False,
+    load_modules_to_save: bool = True,
 ) -> dict[str, Any]:
     """Loads a PEFT LoRA adapter directory into an adapted ``model`` (in place; inverse of save).
 
@@ -479,11 +502,18 @@ def load_peft_adapter(
     the layer's replaces the layer's factors, gate and mask with the file's rank. The LoRA scale is a
     static part of the parameter tree: create optimizers after loading.
 
+    Modules the adapter saved in full (``modules_to_save``, e.g. PEFT's ``classifier`` of a
+    ``SEQ_CLS`` adapter) are loaded into the model's module of the same name (torch layouts
+    converted, cast to the parameter's dtype); each such module of the model must be complete in
+    the file. Nothing is written unless the whole file fits.
+
     Args:
       model: a LoRA-adapted model (not merged).
       adapter_dir: directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
       prefix: the module-name prefix used when the adapter was saved (e.g. ``"bert."``).
       allow_flatten: accept multi-axis kernels (see :func:`peft_state_dict`).
+      load_modules_to_save: ``False`` ignores the ``modules_to_save`` tensors of the file (e.g. to
+        load a ``SEQ_CLS`` adapter's LoRA factors into a bare encoder).
 
     Returns:
       The adapter config dict.
@@ -504,22 +534,37 @@ def load_peft_adapter(
     tensors = _load_safetensors(adapter_dir / PEFT_WEIGHTS_NAME)
     prefix = _norm_prefix(prefix)
     layers = _exportable(model, allow_flatten, "load_peft_adapter")
+    saved_names = list(cfg.get("modules_to_save") or [])
+    saved = modules_to_save_targets(model, saved_names, prefix) if saved_names and load_modules_to_save else {}
     found: dict[str, dict[str, np.ndarray]] = {}
-    unexpected = []
+    unexpected, saved_found = [], {}
     for key, arr in tensors.items():
         m = _PEFT_KEY.match(key)
+        if key in saved:
+            saved_found[key] = arr
+            continue
+        if m is None and not load_modules_to_save and any(key.rpartition(".")[0].endswith(e) for e in saved_names):
+            continue  # a modules_to_save tensor, deliberately ignored
         if m is None or not m["module"].startswith(prefix) or m["module"][len(prefix) :] not in layers:
             unexpected.append(key)
             continue
         found.setdefault(m["module"][len(prefix) :], {})[m["ab"]] = arr
     missing = [p for p in layers if set(found.get(p, {})) != {"A", "B"}]
-    if unexpected or missing:
+    saved_missing = sorted(set(saved) - set(saved_found))
+    if unexpected or missing or saved_missing:
         raise ValueError(
             f"load_peft_adapter: {adapter_dir} does not fit the model (prefix {prefix!r}). "
-            f"Keys without a LoRA layer (or not LoRA A/B weights): {sorted(unexpected)}. "
-            f"LoRA layers without both lora_A and lora_B: {missing}."
+            f"Keys without a LoRA layer or a modules_to_save module ({saved_names}): {sorted(unexpected)}. "
+            f"LoRA layers without both lora_A and lora_B: {missing}. "
+            f"Parameters of modules_to_save modules missing from the file: {saved_missing}."
         )
     errors, new = [], {}
+    for key, arr in saved_found.items():
+        path, var, transpose = saved[key]
+        arr = arr.T if transpose else arr
+        if tuple(arr.shape) != tuple(var.get_value().shape):
+            errors.append(f"{key} (modules_to_save {prefix}{path}): {arr.shape} in torch layout, the model has "
+                          f"{tuple(var.get_value().shape[::-1] if transpose else var.get_value().shape)}")
     for path, layer in layers.items():
         a_t, b_t = found[path]["A"], found[path]["B"]
         r, _, scale = peft_module_rank_alpha(cfg, prefix + path)
@@ -539,6 +584,11 @@ def load_peft_adapter(
     nonfinite = sorted(k for k, v in tensors.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all())
     if nonfinite:
         raise CorruptFileError(adapter_dir / PEFT_WEIGHTS_NAME, "finite LoRA weights", f"NaN or inf in {nonfinite[:5]}")
+    for key, arr in saved_found.items():
+        _, var, transpose = saved[key]
+        old = var.get_value()
+        val = jnp.asarray(arr.T if transpose else arr, dtype=old.dtype)
+        var.set_value(jax.device_put(val, old.sharding) if getattr(old, "sharding", None) is not None else val)
     for path, (a_t, b_t, r, scale) in new.items():
         layer = layers[path]
         old = layer.pair

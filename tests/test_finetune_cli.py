@@ -125,6 +125,11 @@ def test_all_methods_tiny(tiny_bert, tmp_path):
         assert (tmp_path / "adapters" / f"bbc-{m}-s0").is_dir() == (m != "full"), m
     assert json.loads((tmp_path / "peft" / "bbc-lora-ga-s0" / "adapter_config.json").read_text())["r"] == 8
     assert json.loads((tmp_path / "peft" / "bbc-lora-s0" / "adapter_config.json").read_text())["r"] == 4
+    lora_peft = tmp_path / "peft" / "bbc-lora-s0"  # the trained head travels as PEFT's modules_to_save
+    assert json.loads((lora_peft / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    from safetensors.numpy import load_file
+
+    assert load_file(str(lora_peft / "adapter_model.safetensors"))["base_model.model.classifier.weight"].shape == (5, h)
     events = [r for r in _records(tmp_path / "bbc-alora-s0") if r["type"] == "event"]
     assert events and all(e["budget"] == layers * 2 * 4 for e in events)
     assert any(r["type"] == "event" for r in _records(tmp_path / "bbc-prilora-s0"))
