@@ -97,6 +97,11 @@ def lora_ga_init_paired(
         spec = specs.get(name)
         if spec is None:
             raise ValueError(f"lora_ga_init_paired: {name!r} is not a LoRA layer of the tree. Layers: {list(specs)}")
+        if spec.in_ndim is not None:
+            raise ValueError(
+                f"lora_ga_init_paired: not supported for layer {name!r}: its factors {spec.a_shape}, {spec.b_shape} "
+                f"carry {spec.stack_ndim} stack axes (a stack of adapters); initialise its slices separately."
+            )
         k = _kernel_index(plan, pairing, name, "lora_ga_init_paired")
         w0 = leaves[k]
         kshape = spec.a_shape[:-1] + spec.b_shape[1:]

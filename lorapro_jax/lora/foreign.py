@@ -67,7 +67,8 @@ class PairSpec:
       a_path, b_path: the paths of the ``A`` and ``B`` leaves.
       a_index, b_index: their positions among the tree's leaves.
       scale: the LoRA scale ``s``.
-      a_shape, b_shape: the factors' shapes (``(*in, r)`` and ``(r, *out)``).
+      a_shape, b_shape: the factors' shapes (``(*stack, *in, r)`` and ``(*stack, r, *out)``).
+      in_ndim: number of input axes of a stacked pair (``LoraPair.in_ndim``); ``None`` without stack axes.
     """
 
     name: str
@@ -78,6 +79,11 @@ class PairSpec:
     scale: float
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
+    in_ndim: int | None = None
+
+    @property
+    def stack_ndim(self) -> int:
+        return 0 if self.in_ndim is None else len(self.a_shape) - 1 - self.in_ndim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +113,10 @@ class PairPlan:
     def pack(self, tree: Any, what: str = "parameter") -> dict[str, dict[str, Any]]:
         """The caller's tree as ``{"pairs": {name: LoraPair}, "rest": {path: leaf}}``."""
         leaves = self._leaves(tree, what)
-        pairs = {s.name: LoraPair(_unwrap(leaves[s.a_index]), _unwrap(leaves[s.b_index]), s.scale) for s in self.pairs}
+        pairs = {
+            s.name: LoraPair(_unwrap(leaves[s.a_index]), _unwrap(leaves[s.b_index]), s.scale, s.in_ndim)
+            for s in self.pairs
+        }
         return {"pairs": pairs, "rest": {self.paths[i]: leaves[i] for i in self.rest}}
 
     def unpack(self, packed: dict[str, dict[str, Any]]) -> Any:
@@ -144,12 +153,18 @@ class Pairing:
         for which ``a`` and ``b`` share their first ``k`` axes and ``b``'s axis ``k`` is the rank.
         """
         r = a_shape[-1] if a_shape else None
-        if not b_shape or b_shape[0] == r:
+        stacked = [
+            k for k in range(1, min(len(a_shape) - 1, len(b_shape) - 1)) if a_shape[:k] == b_shape[:k] and b_shape[k] == r
+        ]
+        if b_shape and b_shape[0] == r:
+            if stacked:
+                raise ValueError(
+                    f"{self.name}: the factors of {name!r}, a {a_shape} and b {b_shape}, read both as one pair and as a "
+                    f"stack of {stacked[0]}-axis pairs (the stack size equals the rank); say which with "
+                    "name_pairing(..., stack_ndim=0 or k)."
+                )
             return 0
-        for k in range(1, min(len(a_shape) - 1, len(b_shape) - 1)):
-            if a_shape[:k] == b_shape[:k] and b_shape[k] == r:
-                return k
-        return 0
+        return stacked[0] if stacked else 0
 
     def kernel_path(self, name: str) -> str | None:
         """Path of the base kernel ``W0`` adapted by pair ``name`` (for LoRA-GA), or ``None`` if unknown."""
@@ -169,8 +184,9 @@ class Pairing:
         specs, used = [], set()
         for name, ai, bi, scale in found:
             a_shape, b_shape = tuple(_shape(leaves[ai], paths[ai])), tuple(_shape(leaves[bi], paths[bi]))
-            _check_shapes(self, name, paths[ai], paths[bi], a_shape, b_shape)
-            specs.append(PairSpec(name, paths[ai], paths[bi], ai, bi, float(scale), a_shape, b_shape))
+            k = _check_shapes(self, name, paths[ai], paths[bi], a_shape, b_shape)
+            in_ndim = len(a_shape) - 1 - k if k else None
+            specs.append(PairSpec(name, paths[ai], paths[bi], ai, bi, float(scale), a_shape, b_shape, in_ndim))
             used.update((ai, bi))
         rest = tuple(i for i in range(len(paths)) if i not in used)
         return PairPlan(self.name, treedef, tuple(paths), tuple(specs), rest)
@@ -183,20 +199,17 @@ def _shape(x: Any, path: str) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
-def _check_shapes(pairing: Pairing, name: str, a_path: str, b_path: str, a_shape, b_shape) -> None:
+def _check_shapes(pairing: Pairing, name: str, a_path: str, b_path: str, a_shape, b_shape) -> int:
+    """Checks the Flax layout of a pair; returns its number of leading stack axes."""
     k = pairing.stack_ndim(name, a_shape, b_shape)
-    if k:
-        raise NotImplementedError(
-            f"{pairing.name}: the factors of {name!r} ({a_path} {a_shape}, {b_path} {b_shape}) carry {k} leading "
-            "batch axes (a stack of independent adapters, e.g. a batched dot_general); stacked LoRA pairs are not "
-            "supported by this version of lorapro_jax."
-        )
-    if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[-1] != b_shape[0]:
+    if len(a_shape) < k + 2 or len(b_shape) < k + 2 or a_shape[:k] != b_shape[:k] or a_shape[-1] != b_shape[k]:
         raise ValueError(
             f"{pairing.name}: the factors of {name!r} do not form a LoRA pair in the Flax layout a (*in, r), "
-            f"b (r, *out): {a_path} has shape {a_shape}, {b_path} has shape {b_shape} (the last axis of A and the "
-            "first axis of B must both be the rank)."
+            f"b (r, *out) (or a stack of them, a (*stack, *in, r), b (*stack, r, *out)): {a_path} has shape "
+            f"{a_shape}, {b_path} has shape {b_shape} (the last axis of A and the first axis of B after the stack "
+            "axes must both be the rank)."
         )
+    return k
 
 
 def _layer_group(pattern: re.Pattern, which: str) -> str | int:
@@ -221,10 +234,11 @@ class NamePairing(Pairing):
         *,
         kernel_path: Callable[[str], str] | None = None,
         module_name: Callable[[str], str] | None = None,
+        stack_ndim: int | None = None,
         name: str = "name_pairing",
     ):
         self.a_pattern, self.b_pattern = re.compile(a_pattern), re.compile(b_pattern)
-        self._kernel_path, self._module_name = kernel_path, module_name
+        self._kernel_path, self._module_name, self._stack_ndim = kernel_path, module_name, stack_ndim
         self._ga, self._gb = _layer_group(self.a_pattern, "A"), _layer_group(self.b_pattern, "B")
         if not callable(scale):
             scale = float(scale)
@@ -238,6 +252,11 @@ class NamePairing(Pairing):
 
     def kernel_path(self, name: str) -> str | None:
         return self._kernel_path(name) if self._kernel_path is not None else None
+
+    def stack_ndim(self, name, a_shape, b_shape) -> int:
+        if self._stack_ndim is not None:
+            return int(self._stack_ndim)
+        return super().stack_ndim(name, a_shape, b_shape)
 
     def module_name(self, name: str) -> str:
         return self._module_name(name) if self._module_name is not None else super().module_name(name)
@@ -294,6 +313,7 @@ def name_pairing(
     *,
     kernel_path: Callable[[str], str] | None = None,
     module_name: Callable[[str], str] | None = None,
+    stack_ndim: int | None = None,
 ) -> Pairing:
     """A pairing by regexes on leaf paths, for any parameter tree.
 
@@ -315,13 +335,18 @@ def name_pairing(
         :func:`~lorapro_jax.lora_ga_init_paired`; without it LoRA-GA is not supported for this pairing).
       module_name: optional function of the layer name giving its dotted module name for PEFT export
         (default: the layer name with ``"/"`` replaced by ``"."``).
+      stack_ndim: leading stack axes of every pair (``a (*stack, *in, r)``, ``b (*stack, r, *out)``: a stack of
+        independent adapters, run as a stacked :class:`~lorapro_jax.LoraPair`). Default: read from the shapes
+        (``b`` not starting with the rank but after ``k`` axes shared with ``a``); an ambiguous pair is an error.
 
     Returns:
       A :class:`Pairing`. Its plan raises ``ValueError`` naming the paths for an A without its B (or the
       reverse), two factors of one kind for a layer, mismatched ranks, a scale function returning ``None``,
       and a tree in which no pair is found.
     """
-    return NamePairing(a_pattern, b_pattern, scale, kernel_path=kernel_path, module_name=module_name)
+    return NamePairing(
+        a_pattern, b_pattern, scale, kernel_path=kernel_path, module_name=module_name, stack_ndim=stack_ndim
+    )
 
 
 def nnx_lora_pairing(scale: Scale = 1.0) -> Pairing:

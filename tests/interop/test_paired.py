@@ -238,7 +238,14 @@ def test_error_no_pair_and_bad_patterns():
         two.plan(_tree(x_A=jnp.ones((6, 2))))
 
 
-def test_stacked_factors_are_refused_with_the_path():
+def test_stacked_factors_read_as_stacked_pairs():
     t = {"blocks": {"lora_A": jnp.ones((3, 6, 2)), "lora_B": jnp.ones((3, 2, 8))}}
-    with pytest.raises(NotImplementedError, match=r"'blocks'.*blocks/lora_A \(3, 6, 2\).*1 leading batch axes"):
-        PLAIN.plan(t)
+    (spec,) = PLAIN.plan(t).pairs
+    assert (spec.stack_ndim, spec.in_ndim) == (1, 1)
+    pair = PLAIN.plan(t).pack(t)["pairs"]["blocks"]
+    assert pair.stack_shape == (3,) and pair.in_shape == (6,) and pair.out_shape == (8,)
+    amb = {"blocks": {"lora_A": jnp.ones((2, 6, 2)), "lora_B": jnp.ones((2, 2, 8))}}  # stack size == rank
+    with pytest.raises(ValueError, match=r"'blocks'.*both as one pair and as a stack.*stack_ndim"):
+        PLAIN.plan(amb)
+    explicit = lp.name_pairing(r"(?P<layer>.*)/lora_A$", r"(?P<layer>.*)/lora_B$", 1.0, stack_ndim=1)
+    assert explicit.plan(amb).pairs[0].in_ndim == 1
