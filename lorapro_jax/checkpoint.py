@@ -231,6 +231,7 @@ def _layer_metadata(model: nnx.Module) -> dict[str, dict]:
             "scale": float(pair.scale),
             "in_shape": list(layer.spec.in_shape),
             "out_shape": list(layer.spec.out_shape),
+            "stack_shape": list(pair.stack_shape),
             "dtype": str(jnp.dtype(pair.a.dtype)),
             "merged": bool(layer.merged),
         }
@@ -242,8 +243,8 @@ def _check_layers(saved: dict[str, dict], model: nnx.Module) -> None:
     errors = []
     for path in sorted(set(saved) & set(target)):
         s, t = saved[path], target[path]
-        for field in ("rank", "in_shape", "out_shape"):
-            if s[field] != t[field]:
+        for field in ("rank", "in_shape", "out_shape", "stack_shape"):
+            if s.get(field, []) != t[field]:  # checkpoints before 0.2.0 hold no stack_shape: unstacked
                 errors.append(f"{path}: {field} is {s[field]} in the checkpoint but {t[field]} in the target")
         if not math.isclose(s["scale"], t["scale"], rel_tol=1e-12, abs_tol=0.0):
             errors.append(
