@@ -45,6 +45,7 @@ from jaxtyping import Float
 from .errors import CorruptFileError, check_config, check_module, check_path
 from .lora.config import LoraConfig
 from .lora.nnx_lora import LoRALayer, LoRAParam, lora_layers, merge_and_unwrap
+from .lora.per_layer import LayerSlice, per_layer_view
 from .lora.pairing import lora_scale
 from .peft_modules import (
     modules_to_save_state_dict,
@@ -222,13 +223,21 @@ def _norm_prefix(prefix: str) -> str:
     return prefix if not prefix or prefix.endswith(".") else prefix + "."
 
 
-def _exportable(model: nnx.Module, allow_flatten: bool, who: str) -> dict[str, LoRALayer]:
+def _exportable(
+    model: nnx.Module, allow_flatten: bool, who: str, stacked_prefixes: Mapping[str, int] | None = None
+) -> dict[str, LoRALayer | LayerSlice]:
+    """``{per-layer module path: layer}``; a stacked layer appears once per layer as a ``LayerSlice``."""
     check_module(model, "model", who, f"{who}(model, ...)")
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{who}: the model has no LoRA layers (apply_lora first).")
     for path, layer in layers.items():
         spec = layer.spec
+        if spec.batch_shape:
+            raise ValueError(
+                f"{who}: LoRA layer {path!r} wraps an nnx.{type(layer.base).__name__} with batch axes "
+                f"{spec.batch_shape} (one matrix per batch index); PEFT has no batched Linear to export it to."
+            )
         if (len(spec.in_shape) != 1 or len(spec.out_shape) != 1) and not allow_flatten:
             base = type(layer.base).__name__
             raise ValueError(
@@ -238,10 +247,10 @@ def _exportable(model: nnx.Module, allow_flatten: bool, who: str) -> dict[str, L
                 "flattening of the input axes and of the output axes, in the kernel's axis order), which is "
                 "right only if the matching Hugging Face nn.Linear flattens its features the same way."
             )
-    return layers
+    return per_layer_view(model, layers, stacked_prefixes, who)
 
 
-def _peft_matrices(layer: LoRALayer) -> tuple[Float[np.ndarray, "r n"], Float[np.ndarray, "m r"]]:
+def _peft_matrices(layer: LoRALayer | LayerSlice) -> tuple[Float[np.ndarray, "r n"], Float[np.ndarray, "m r"]]:
     """PEFT ``lora_A.weight`` ``(r, n)`` and ``lora_B.weight`` ``(m, r)`` of a layer, gate and mask folded in."""
     p = layer.effective_pair()
     r = p.a.shape[-1]
@@ -251,9 +260,17 @@ def _peft_matrices(layer: LoRALayer) -> tuple[Float[np.ndarray, "r n"], Float[np
 
 
 def peft_state_dict(
-    model: nnx.Module, *, prefix: str = "", allow_flatten: bool = False, dtype: Any = np.float32
+    model: nnx.Module,
+    *,
+    prefix: str = "",
+    allow_flatten: bool = False,
+    dtype: Any = np.float32,
+    stacked_prefixes: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """The adapter tensors under PEFT's names: ``base_model.model.<prefix><path>.lora_{A,B}.weight``.
+
+    A stacked layer (scan-over-layers model, pair ``a: (L, *in, r)``) writes one pair of tensors per layer
+    under the per-layer path ``<stacked prefix>.<i>.<rest>`` (see :mod:`lorapro_jax.lora.per_layer`).
 
     Args:
       model: a LoRA-adapted model.
@@ -261,13 +278,15 @@ def peft_state_dict(
         PyTorch model is ``BertForSequenceClassification``); a trailing ``"."`` is added if missing.
       allow_flatten: export multi-axis kernels (LinearGeneral / Einsum) as flattened 2-D Linears.
       dtype: dtype of the written tensors (``None``: the LoRA parameter dtype).
+      stacked_prefixes: ``{module path: L}`` of the modules that hold stacked layers (e.g.
+        ``{"model.layers": 32}``); default: declared by the model's ``hf_stacked()`` methods.
 
     Returns:
       ``{key: array}``; ``lora_A.weight`` is ``(r, in)``, ``lora_B.weight`` is ``(out, r)``.
     """
     prefix = _norm_prefix(prefix)
     out = {}
-    for path, layer in _exportable(model, allow_flatten, "peft_state_dict").items():
+    for path, layer in _exportable(model, allow_flatten, "peft_state_dict", stacked_prefixes).items():
         a_t, b_t = _peft_matrices(layer)
         if dtype is not None:
             a_t, b_t = a_t.astype(dtype), b_t.astype(dtype)
@@ -328,6 +347,7 @@ def peft_config(
     target_modules: str | Sequence[str] | None = None,
     allow_flatten: bool = False,
     modules_to_save: Sequence[str] | None = None,
+    stacked_prefixes: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The ``adapter_config.json`` dict that makes PEFT rebuild ``model``'s adapters with the same scales.
 
@@ -345,7 +365,7 @@ def peft_config(
     """
     check_config(config, "peft_config", optional=True)
     prefix = _norm_prefix(prefix)
-    layers = _exportable(model, allow_flatten, "peft_config")
+    layers = _exportable(model, allow_flatten, "peft_config", stacked_prefixes)
     info = {f"{prefix}{p}": (int(l.pair.rank), float(l.pair.scale)) for p, l in layers.items()}
     if config is not None:
         if use_rslora is not None and use_rslora != config.rslora:
@@ -412,6 +432,7 @@ def save_peft_adapter(
     dtype: Any = np.float32,
     allow_flatten: bool = False,
     modules_to_save: Sequence[str] | None = None,
+    stacked_prefixes: Mapping[str, int] | None = None,
 ) -> Path:
     """Writes a PEFT LoRA adapter directory: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
@@ -437,6 +458,7 @@ def save_peft_adapter(
       allow_flatten: see :func:`peft_state_dict`.
       modules_to_save: module paths of ``model`` saved in full (e.g. ``["classifier"]``); they must hold
         no LoRA layer and have Hugging Face parameter names (:func:`lorapro_jax.models.hf_param_names`).
+      stacked_prefixes: see :func:`peft_state_dict` (stacked layers are written per layer).
 
     Returns:
       The output directory.
@@ -455,8 +477,11 @@ def save_peft_adapter(
         target_modules=target_modules,
         allow_flatten=allow_flatten,
         modules_to_save=modules_to_save,
+        stacked_prefixes=stacked_prefixes,
     )
-    tensors = peft_state_dict(model, prefix=prefix, allow_flatten=allow_flatten, dtype=dtype)
+    tensors = peft_state_dict(
+        model, prefix=prefix, allow_flatten=allow_flatten, dtype=dtype, stacked_prefixes=stacked_prefixes
+    )
     if modules_to_save:
         tensors.update(modules_to_save_state_dict(model, modules_to_save, prefix=prefix, dtype=dtype))
     out_dir = Path(out_dir)
@@ -491,6 +516,7 @@ def load_peft_adapter(
     prefix: str = "",
     allow_flatten: bool = False,
     load_modules_to_save: bool = True,
+    stacked_prefixes: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Loads a PEFT LoRA adapter directory into an adapted ``model`` (in place; inverse of save).
 
@@ -514,6 +540,8 @@ def load_peft_adapter(
       allow_flatten: accept multi-axis kernels (see :func:`peft_state_dict`).
       load_modules_to_save: ``False`` ignores the ``modules_to_save`` tensors of the file (e.g. to
         load a ``SEQ_CLS`` adapter's LoRA factors into a bare encoder).
+      stacked_prefixes: see :func:`peft_state_dict`; a stacked layer reads its ``L`` per-layer entries
+        (they must share one rank and one scale, static parts of the stacked pair).
 
     Returns:
       The adapter config dict.
@@ -533,7 +561,7 @@ def load_peft_adapter(
         raise ValueError(f"load_peft_adapter: {adapter_dir} is a DoRA adapter (use_dora=true); not supported.")
     tensors = _load_safetensors(adapter_dir / PEFT_WEIGHTS_NAME)
     prefix = _norm_prefix(prefix)
-    layers = _exportable(model, allow_flatten, "load_peft_adapter")
+    layers = _exportable(model, allow_flatten, "load_peft_adapter", stacked_prefixes)
     saved_names = list(cfg.get("modules_to_save") or [])
     saved = modules_to_save_targets(model, saved_names, prefix) if saved_names and load_modules_to_save else {}
     found: dict[str, dict[str, np.ndarray]] = {}
@@ -578,6 +606,7 @@ def load_peft_adapter(
         new[path] = (a_t, b_t, r, scale)
     if errors:
         raise ValueError("load_peft_adapter: shape mismatch:\n  " + "\n  ".join(errors))
+    by_layer = _stack_slices(new, layers, prefix)  # stacked layers: their L per-layer entries, stacked
     merged = [p for p in new if layers[p].merged]
     if merged:  # checked before anything is written: a failed load leaves the model as it was
         raise ValueError(f"load_peft_adapter: LoRA layers {merged} are merged; unmerge them first.")
@@ -589,16 +618,45 @@ def load_peft_adapter(
         old = var.get_value()
         val = jnp.asarray(arr.T if transpose else arr, dtype=old.dtype)
         var.set_value(jax.device_put(val, old.sharding) if getattr(old, "sharding", None) is not None else val)
-    for path, (a_t, b_t, r, scale) in new.items():
-        layer = layers[path]
+    for path, (layer, a_t, b_t, r, scale) in by_layer.items():
         old = layer.pair
         spec = layer.spec
-        a = jnp.asarray(a_t.T.reshape(spec.in_shape + (r,)), dtype=old.a.dtype)
-        b = jnp.asarray(b_t.T.reshape((r,) + spec.out_shape), dtype=old.b.dtype)
+        stack = a_t.shape[:-2]  # (L,) for a stacked layer, () otherwise
+        a = jnp.asarray(np.swapaxes(a_t, -1, -2).reshape(stack + spec.in_shape + (r,)), dtype=old.a.dtype)
+        b = jnp.asarray(np.swapaxes(b_t, -1, -2).reshape(stack + (r,) + spec.out_shape), dtype=old.b.dtype)
         if tuple(old.a.shape) == a.shape and getattr(old.a, "sharding", None) is not None:
             a, b = jax.device_put(a, old.a.sharding), jax.device_put(b, old.b.sharding)
         layer.lora.set_value(old.replace(a=a, b=b, scale=float(scale)))
-        layer.gate.set_value(jnp.ones((r,), layer.gate.get_value().dtype))
+        layer.gate.set_value(jnp.ones(stack + (r,), layer.gate.get_value().dtype))
         if layer.a_mask is not None:
             layer.a_mask.set_value(jnp.ones(a.shape, layer.a_mask.get_value().dtype))
     return cfg
+
+
+def _stack_slices(new: dict[str, tuple], views: Mapping[str, Any], prefix: str) -> dict[str, tuple]:
+    """``{path: (LoRALayer, lora_A, lora_B, r, scale)}``, the per-layer entries of a stacked layer stacked.
+
+    ``new`` maps per-layer paths to ``(lora_A (r, n), lora_B (m, r), r, scale)``; a stacked layer gets
+    ``lora_A (L, r, n)``, ``lora_B (L, m, r)`` from its ``L`` entries, in layer order.
+    """
+    out: dict[str, tuple] = {}
+    groups: dict[str, list[tuple[str, int, tuple]]] = {}
+    for name, entry in new.items():
+        view = views[name]
+        if isinstance(view, LayerSlice):
+            groups.setdefault(view.stacked_path, []).append((name, view.index, entry))
+        else:
+            out[name] = (view, *entry)
+    for path, items in groups.items():
+        items.sort(key=lambda t: t[1])
+        ranks = {(e[2], e[3]) for _, _, e in items}
+        if len(ranks) != 1:
+            raise ValueError(
+                f"load_peft_adapter: the layers of the stacked LoRA layer {path!r} get different ranks / scales "
+                f"{sorted(ranks)} from the adapter config (names {prefix}{items[0][0]} ...); a stacked pair has one."
+            )
+        r, scale = ranks.pop()
+        a = np.stack([e[0] for _, _, e in items])
+        b = np.stack([e[1] for _, _, e in items])
+        out[path] = (views[items[0][0]].layer, a, b, r, scale)
+    return out

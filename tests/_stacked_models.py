@@ -78,9 +78,9 @@ def randomize_adapters(model: nnx.Module, seed: int = 0) -> None:
             layer.a_mask[...] = jnp.asarray(rng.uniform(size=p.a.shape) > 0.3, jnp.float32)
 
 
-def twins(rank: int = 2, seed: int = 0, **config) -> tuple[Scanned, Unrolled]:
+def twins(rank: int = 2, seed: int = 0, targets=TARGETS, **config) -> tuple[Scanned, Unrolled]:
     """A LoRA-adapted scanned model with random adapters and its unrolled twin holding the same numbers."""
-    cfg = LoraConfig(rank=rank, alpha=4.0, targets=TARGETS, **config)
+    cfg = LoraConfig(rank=rank, alpha=4.0, targets=targets, **config)
     scanned = apply_lora(Scanned(nnx.Rngs(seed)), cfg, rngs=nnx.Rngs(seed + 1))
     randomize_adapters(scanned, seed)
     unrolled = apply_lora(Unrolled(nnx.Rngs(seed + 7)), cfg, rngs=nnx.Rngs(seed + 8))
