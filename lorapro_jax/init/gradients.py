@@ -284,8 +284,11 @@ def _acc_cast(x: Array) -> Array:
     return jnp.asarray(x).astype(jnp.promote_types(jnp.result_type(x), jnp.float32))
 
 
-def paper_gradient(layer: LoRALayer, grad: Any) -> Float[Array, "m n"]:
+def paper_gradient(layer: LoRALayer, grad: Any) -> Float[Array, "*stack m n"]:
     """Converts a base-kernel gradient (Flax layout, the kernel's shape) to the paper's ``G``: ``(m, n)`` = (out, in).
+
+    A stacked layer (leading layer / batch axes, see :mod:`lorapro_jax.lora.kernel_spec`) gets one ``G``
+    per slice: ``(*stack, m, n)``.
 
     Uses the layer's :class:`~lorapro_jax.lora.nnx_lora.KernelSpec` so ``nnx.LinearGeneral`` and
     ``nnx.Einsum`` kernels (several in/out axes, possibly interleaved) are flattened consistently with
@@ -297,4 +300,4 @@ def paper_gradient(layer: LoRALayer, grad: Any) -> Float[Array, "m n"]:
             f"gradient for LoRA layer {layer.path!r} has shape {tuple(np.shape(grad))}, expected the base kernel "
             f"shape {kshape} (Flax layout)."
         )
-    return layer.spec.from_kernel(_acc_cast(grad)).T
+    return jnp.swapaxes(layer.spec.from_kernel(_acc_cast(grad)), -1, -2)  # (*stack, m, n) for stacked layers

@@ -227,33 +227,49 @@ def lora_ga_init(
             raise ValueError(f"lora_ga_init: {path!r} is not a LoRA layer of the model. LoRA layers: {list(layers)}")
         if layer.merged:
             raise ValueError(f"lora_ga_init: LoRA layer {path!r} is merged; unmerge it first.")
-        g = paper_gradient(layer, grad)  # (m, n)
-        gnorm = float(jnp.linalg.norm(g))
-        if not np.isfinite(gnorm):
-            raise ValueError(f"lora_ga_init: the gradient of {path!r} has non-finite values.")
-        if gnorm == 0.0:
-            raise ValueError(
-                f"lora_ga_init: the gradient of {path!r} is identically zero (is the layer used by loss_fn?); "
-                "its singular vectors are undefined."
-            )
-        pair = layer.pair
-        r, s = pair.rank, pair.scale
-        try:
-            a0, b0 = lora_ga_factors(
-                g, r, s, direction=direction, scale_mode=scale, stable_gamma=stable_gamma, svd=svd,
-                n_iter=n_iter, key=jax.random.fold_in(key, i),
-            )
-        except ValueError as e:
-            raise ValueError(f"lora_ga_init: LoRA layer {path!r}: {e}") from e
-        a = a0.T.reshape(pair.a.shape).astype(pair.a.dtype)  # (*in, r) = A0ᵀ
-        b = b0.T.reshape(pair.b.shape).astype(pair.b.dtype)  # (r, *out) = B0ᵀ
-        layer.lora.set_value(pair.replace(a=a, b=b))
+        g = paper_gradient(layer, grad)  # (*stack, m, n): one G per slice of a stacked layer
+        a, b = _lora_ga_pair(path, layer, g, jax.random.fold_in(key, i), dict(
+            direction=direction, scale_mode=scale, stable_gamma=stable_gamma, svd=svd, n_iter=n_iter))
+        layer.lora.set_value(layer.pair.replace(a=a, b=b))
         init = layer.effective_pair()  # what the forward pass adds: s (a ⊙ mask ⊙ gate) b
         kernel = layer.base.kernel
         k = kernel[...]
         kernel[...] = (k.astype(_wide(k)) - _delta_kernel(layer, init, _wide(k))).astype(k.dtype)
         record[path] = init
     return record
+
+
+def _lora_ga_pair(path: str, layer: LoRALayer, g: Array, key: Array, options: dict) -> tuple[Array, Array]:
+    """``a = A0ᵀ``, ``b = B0ᵀ`` in the pair's shapes and dtype, from ``G`` ``(*stack, m, n)``, slice by slice.
+
+    An unstacked layer uses ``key``; slice ``j`` (row-major over the stack axes) of a stacked layer uses
+    ``fold_in(key, j)``, so each slice gets the SVD of its own gradient, as the unrolled model's layers do.
+    """
+    pair = layer.pair
+    stack = tuple(g.shape[:-2])
+    norms = np.asarray(jnp.linalg.norm(g, axis=(-2, -1))).reshape(stack)
+    for idx in np.ndindex(*stack):
+        where = f"{path!r}" + (f" (slice {idx} of its stack axes {stack})" if stack else "")
+        if not np.isfinite(norms[idx]):
+            raise ValueError(f"lora_ga_init: the gradient of {where} has non-finite values.")
+        if norms[idx] == 0.0:
+            raise ValueError(
+                f"lora_ga_init: the gradient of {where} is identically zero (is the layer used by loss_fn?); "
+                "its singular vectors are undefined."
+            )
+    a0s, b0s = [], []
+    for j, idx in enumerate(np.ndindex(*stack)):
+        try:
+            a0, b0 = lora_ga_factors(
+                g[idx], pair.rank, pair.scale, key=jax.random.fold_in(key, j) if stack else key, **options
+            )
+        except ValueError as e:
+            raise ValueError(f"lora_ga_init: LoRA layer {path!r}: {e}") from e
+        a0s.append(a0.T)  # (n, r) = A0ᵀ
+        b0s.append(b0.T)  # (r, m) = B0ᵀ
+    a = jnp.stack(a0s).reshape(pair.a.shape).astype(pair.a.dtype)
+    b = jnp.stack(b0s).reshape(pair.b.shape).astype(pair.b.dtype)
+    return a, b
 
 
 def _wide(x: Any) -> Any:
@@ -292,8 +308,8 @@ def lora_ga_delta(trained: LoRALayer | LoraPair, init: LoraPair) -> LoraPair:
     _check_same(repr(path), p, init)
     dt = jnp.result_type(p.a, init.a)
     a = jnp.concatenate([p.a.astype(dt), -init.a.astype(dt)], axis=-1)
-    b = jnp.concatenate([p.b.astype(dt), init.b.astype(dt)], axis=0)
-    return LoraPair(a, b, p.scale)
+    b = jnp.concatenate([p.b.astype(dt), init.b.astype(dt)], axis=p.stack_ndim)  # the rank axis
+    return p.replace(a=a, b=b)
 
 
 def lora_ga_delta_kernel(layer: LoRALayer, init: LoraPair) -> Array:
