@@ -18,6 +18,13 @@ column-sharded factor, so it is born with ``W0``'s sharding; it only meets other
 the contractions ``d @ bᵀ`` (``n x r``) and ``aᵀ @ d`` (``r x m``). No device ever holds (or
 gathers) a full ``m x n`` array.
 
+Stacked pairs (scan-over-layers models, see :mod:`lorapro_jax.lora.kernel_spec`): a kernel
+``(*layers, *per_layer)`` gets its stack entries in front of the per-layer ones: ``a`` gets
+``P(*stack_spec, *in_spec, None)`` and ``b`` ``P(*stack_spec, None, *out_spec)``. A rule (or metadata) spec
+with as many entries as the kernel has axes is taken as it is (e.g. ``P("layers", None, "model")`` shards
+the layer axis over a ``layers`` mesh axis); a shorter one is a *per-layer* spec (e.g. the 2-D specs of
+:func:`tensor_parallel_rules`), and the layer axes get ``stack_axis`` (default ``None``: replicated).
+
 Kernel specs come from, in order: regex ``rules`` over dotted parameter paths (first
 ``re.fullmatch`` wins; a rule for ``"...query.kernel"`` also matches the adapted path
 ``"...query.base.kernel"``), then NNX sharding metadata (``out_sharding``, formerly
@@ -61,6 +68,7 @@ __all__ = [
     "spec_for_path",
     "lora_pair_specs",
     "moment_spec",
+    "stacked_kernel_spec",
     "lora_partition_specs",
     "optimizer_state_specs",
     "named_shardings",
@@ -233,6 +241,8 @@ def lora_pair_specs(
     *,
     scale: float = 1.0,
     path: str = "LoRA pair",
+    layer_ndim: int = 0,
+    in_ndim: int | None = None,
 ) -> LoraPair:
     """Specs of ``a`` and ``b`` from the base kernel's spec.
 
@@ -243,33 +253,54 @@ def lora_pair_specs(
         ``(*in_shape, *out_shape)`` kernel.
       scale: the pair's static scale, so that the spec tree has the structure of the params tree.
       path: for error messages.
+      layer_ndim: number of leading layer (``nnx.vmap``) axes of the kernel; ``kernel_spec`` must then
+        cover them (see :func:`stacked_kernel_spec`).
+      in_ndim: the pair's static ``in_ndim`` (set for stacked pairs), so the spec tree matches the params.
 
     Returns:
-      ``LoraPair(a=P(*in_spec, None), b=P(None, *out_spec), scale)`` (rank axis replicated).
+      ``LoraPair(a=P(*stack_spec, *in_spec, None), b=P(*stack_spec, None, *out_spec), scale)`` (rank axis
+      replicated; ``stack_spec`` covers the layer axes and, for batched kernels, the batch axes).
     """
     if isinstance(kernel, KernelSpec):
-        n_in, n_out = len(kernel.in_shape), len(kernel.out_shape)
-        entries = _pad(kernel_spec, n_in + n_out, f"{path} (base kernel)")
+        n_in, n_out, n_b = len(kernel.in_shape), len(kernel.out_shape), len(kernel.batch_shape)
+        entries = _pad(kernel_spec, layer_ndim + n_b + n_in + n_out, f"{path} (base kernel)")
+        lead, entries = entries[:layer_ndim], entries[layer_ndim:]
         if kernel.kind == "einsum":
             _, k, _, ins, outs = kernel.einsum
             by_letter = dict(zip(k, entries))
             in_spec = tuple(by_letter[c] for c in ins)
             out_spec = tuple(by_letter[c] for c in outs)
+            stack_spec = lead + tuple(by_letter[c] for c in kernel.batch_letters)
         else:
-            in_spec, out_spec = entries[:n_in], entries[n_in:]
+            stack_spec = lead + entries[:n_b]
+            in_spec, out_spec = entries[n_b : n_b + n_in], entries[n_b + n_in :]
     else:
         n_in, n_out = kernel
-        entries = _pad(kernel_spec, n_in + n_out, f"{path} (base kernel)")
+        entries = _pad(kernel_spec, layer_ndim + n_in + n_out, f"{path} (base kernel)")
+        stack_spec, entries = entries[:layer_ndim], entries[layer_ndim:]
         in_spec, out_spec = entries[:n_in], entries[n_in:]
-    return LoraPair(P(*in_spec, None), P(None, *out_spec), scale)
+    return LoraPair(P(*stack_spec, *in_spec, None), P(*stack_spec, None, *out_spec), scale, in_ndim=in_ndim)
+
+
+def stacked_kernel_spec(spec: PartitionSpec, kernel_ndim: int, layer_ndim: int, stack_axis: Any = None) -> PartitionSpec:
+    """The spec of a kernel with ``layer_ndim`` leading layer axes from a rule/metadata ``spec``.
+
+    A spec with ``kernel_ndim`` entries is kept; a shorter one is a per-layer spec and gets
+    ``stack_axis`` (a mesh axis name, or ``None`` for replicated) on each layer axis in front.
+    """
+    if layer_ndim and len(tuple(spec)) < kernel_ndim:
+        return P(*((stack_axis,) * layer_ndim), *tuple(spec))
+    return spec
 
 
 def moment_spec(pair_spec: LoraPair) -> PartitionSpec:
-    """Spec of a full-size ``(*in_shape, *out_shape)`` array of a pair (LoRA-Pro full-form moments).
+    """Spec of a full-size ``(*stack, *in_shape, *out_shape)`` array of a pair (LoRA-Pro full-form moments).
 
-    It is ``P(*a_spec[:-1], *b_spec[1:])``: the base kernel's spec in ``(*in, *out)`` order.
+    It is ``P(*a_spec[:-1], *b_spec[k + 1:])`` (``k`` stack axes): the kernel's spec in ``(*stack, *in, *out)`` order.
     """
-    return P(*tuple(pair_spec.a)[:-1], *tuple(pair_spec.b)[1:])
+    a = tuple(pair_spec.a)
+    k = 0 if pair_spec.in_ndim is None else len(a) - 1 - pair_spec.in_ndim
+    return P(*a[:-1], *tuple(pair_spec.b)[k + 1 :])
 
 
 def _var_metadata_spec(var: nnx.Variable) -> PartitionSpec | None:
@@ -295,6 +326,7 @@ def lora_partition_specs(
     *,
     default: PartitionSpec | None = None,
     wrt: Any = None,
+    stack_axis: str | tuple[str, ...] | None = None,
 ) -> Any:
     """A ``PartitionSpec`` tree for ``nnx.state(model)`` (or for the given state).
 
@@ -313,6 +345,8 @@ def lora_partition_specs(
       default: spec of arrays no rule or metadata covers (default: replicated).
       wrt: optional NNX filter (e.g. ``LoRAParam``): return the specs of ``nnx.state(model, wrt)``
         only (the params an ``nnx.Optimizer(model, tx, wrt=wrt)`` sees).
+      stack_axis: mesh axis for the layer axes of stacked LoRA layers whose kernel spec is per-layer
+        (shorter than the kernel); default ``None``: replicated. A full-length rule wins over it.
 
     Returns:
       A pytree with the structure of the state whose array leaves are ``PartitionSpec`` and whose
@@ -334,37 +368,47 @@ def lora_partition_specs(
     flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_leaf)
     by_path = {path_str(kp): leaf for kp, leaf in flat}
 
-    def kernel_spec_of(layer: str) -> tuple[PartitionSpec, tuple[int, ...] | None]:
+    def kernel_spec_of(layer: str, layer_ndim: int = 0) -> tuple[PartitionSpec, tuple[int, ...] | None]:
         """Spec (rules, else metadata, else default) and shape (None if absent) of a layer's base kernel."""
         kpath = f"{layer}.base.kernel"  # LoRALayer.base; rules for f"{layer}.kernel" match it too
         kernel = by_path.get(kpath)
         spec = spec_for_path(kpath, compiled)
         if spec is None and isinstance(kernel, nnx.Variable):
             spec = _var_metadata_spec(kernel)
-        return (default if spec is None else spec), (None if kernel is None else _shape(kernel))
+        spec = default if spec is None else spec
+        kshape = None if kernel is None else _shape(kernel)
+        if layer_ndim:
+            spec = stacked_kernel_spec(spec, len(kshape) if kshape else layer_ndim + len(tuple(spec)), layer_ndim,
+                                       stack_axis)
+        return spec, kshape
 
     pair_cache: dict[str, LoraPair] = {}
 
-    def pair_spec_of(layer: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], scale: float) -> LoraPair:
+    def pair_spec_of(layer: str, pair: LoraPair) -> LoraPair:
         if layer in pair_cache:
             return pair_cache[layer]
-        kspec, kshape = kernel_spec_of(layer)
+        a_shape, b_shape, k = tuple(pair.a.shape), tuple(pair.b.shape), pair.stack_ndim
         where = f"LoRA pair {layer}.lora"
         if layer in layer_specs:
             ks = layer_specs[layer]
-            if tuple(ks.in_shape) != a_shape[:-1] or tuple(ks.out_shape) != b_shape[1:]:
+            n_layers = k - len(ks.batch_shape)
+            if n_layers < 0 or tuple(ks.in_shape) != a_shape[k:-1] or tuple(ks.out_shape) != b_shape[k + 1 :]:
                 raise ValueError(
                     f"{where}: a{a_shape}, b{b_shape} do not fit the layer's kernel in_shape {ks.in_shape}, "
-                    f"out_shape {ks.out_shape}."
+                    f"out_shape {ks.out_shape}, batch_shape {ks.batch_shape}."
                 )
-            out = lora_pair_specs(kspec, ks, scale=scale, path=where)
+            kspec, _ = kernel_spec_of(layer, n_layers)
+            out = lora_pair_specs(kspec, ks, scale=pair.scale, path=where, layer_ndim=n_layers, in_ndim=pair.in_ndim)
         else:
-            if kshape is not None and kshape != a_shape[:-1] + b_shape[1:]:
+            kspec, kshape = kernel_spec_of(layer, k)
+            if kshape is not None and kshape != tuple(pair.kernel_shape):
                 raise ValueError(
-                    f"{where}: base kernel shape {kshape} is not (*a.shape[:-1], *b.shape[1:]) = "
-                    f"{a_shape[:-1] + b_shape[1:]}; for nnx.Einsum kernels pass the model, not its state."
+                    f"{where}: base kernel shape {kshape} is not (*stack, *a.shape[k:-1], *b.shape[k+1:]) = "
+                    f"{tuple(pair.kernel_shape)}; for nnx.Einsum kernels pass the model, not its state."
                 )
-            out = lora_pair_specs(kspec, (len(a_shape) - 1, len(b_shape) - 1), scale=scale, path=where)
+            n_in = len(a_shape) - 1 - k
+            out = lora_pair_specs(kspec, (n_in, len(b_shape) - 1 - k), scale=pair.scale, path=where, layer_ndim=k,
+                                  in_ndim=pair.in_ndim)
         pair_cache[layer] = out
         return out
 
@@ -373,7 +417,7 @@ def lora_partition_specs(
     for p, leaf in by_path.items():
         v = _value(leaf)
         if is_lora_pair(v) and p.endswith(".lora"):
-            pair_shapes[p[: -len(".lora")]] = (tuple(v.a.shape), tuple(v.b.shape), v.scale)
+            pair_shapes[p[: -len(".lora")]] = v
         elif is_lora_pair(v):
             raise ValueError(f"LoRA pair at {p!r}: expected its path to end in '.lora' (a LoRALayer's LoRAParam).")
 
@@ -381,16 +425,16 @@ def lora_partition_specs(
         v = _value(leaf)
         parent, _, name = p.rpartition(".")
         if is_lora_pair(v):
-            return pair_spec_of(parent, tuple(v.a.shape), tuple(v.b.shape), v.scale)
+            return pair_spec_of(parent, v)
         if not hasattr(v, "shape"):
             return None
         ndim = len(v.shape)
         if parent in pair_shapes and (
             isinstance(leaf, (LoRAGate, LoRAMask, LoRAStat)) or name in ("gate", "a_mask", "input_norm")
         ):
-            ps = pair_spec_of(parent, *pair_shapes[parent])
-            if isinstance(leaf, LoRAGate) or name == "gate":
-                return P(*([None] * ndim))
+            ps = pair_spec_of(parent, pair_shapes[parent])
+            if isinstance(leaf, LoRAGate) or name == "gate":  # (*stack, r): sliced like the pair, rank replicated
+                return P(*tuple(ps.a)[: ndim - 1], None)
             if isinstance(leaf, LoRAMask) or name == "a_mask":
                 return ps.a
             return P(*tuple(ps.a)[:-1])
@@ -398,6 +442,13 @@ def lora_partition_specs(
         if spec is None and isinstance(leaf, nnx.Variable):
             spec = _var_metadata_spec(leaf)
         spec = default if spec is None else spec
+        if parent.endswith(".base") and parent[: -len(".base")] in pair_shapes:
+            # a stacked LoRA layer's base kernel / bias: per-layer specs get the layer axes in front
+            layer = parent[: -len(".base")]
+            lp = pair_shapes[layer]
+            ks = layer_specs.get(layer)
+            n_layers = lp.stack_ndim - (len(ks.batch_shape) if ks is not None else 0)
+            spec = stacked_kernel_spec(spec, ndim, n_layers, stack_axis)
         return P(*_pad(spec, ndim, f"parameter {p!r}"))
 
     leaves = []
@@ -463,7 +514,7 @@ def optimizer_state_specs(
                 if node.a.shape == param.a.shape and node.b.shape == param.b.shape:
                     return node.replace(a=pspec.a, b=pspec.b)
                 return node.replace(a=replicated(node.a), b=replicated(node.b))
-            kshape = tuple(param.a.shape[:-1]) + tuple(param.b.shape[1:])
+            kshape = tuple(param.kernel_shape)  # (*stack, *in, *out)
             if tuple(node.shape) == kshape:
                 return moment_spec(pspec)
             return replicated(node)
