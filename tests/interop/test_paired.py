@@ -249,3 +249,23 @@ def test_stacked_factors_read_as_stacked_pairs():
         PLAIN.plan(amb)
     explicit = lp.name_pairing(r"(?P<layer>.*)/lora_A$", r"(?P<layer>.*)/lora_B$", 1.0, stack_ndim=1)
     assert explicit.plan(amb).pairs[0].in_ndim == 1
+
+
+def test_lora_ga_through_nnx_lora_pairing_matches_native():
+    native = native_model(alpha=float(RANK))
+    for layer in lp.lora_layers(native).values():  # B = 0: LoRA-GA then leaves the output unchanged
+        layer.lora.set_value(layer.lora.get_value().replace(b=0.0 * layer.lora.get_value().b))
+    foreign = _nnx_lora_twin(native)
+    for name in ("fc", "head"):
+        getattr(foreign, name).lora.lora_b.set_value(0.0 * getattr(foreign, name).lora.lora_b.get_value())
+    grads = {"fc": lp.estimate_full_gradients(native, lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), [(X, Y)])["fc"]}
+    before = foreign(X)
+    lp.lora_ga_init(native, grads, svd="full", rng=1)
+    new, _ = lp.lora_ga_init_paired(nnx.as_pure(nnx.state(foreign)), {"fc/lora": grads["fc"]}, lp.nnx_lora_pairing(), svd="full", rng=1)
+    nnx.update(foreign, new)
+    np.testing.assert_allclose(foreign(X), before, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(foreign.fc.lora.lora_a.get_value(), native.fc.lora.get_value().a, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(foreign.fc.kernel.get_value(), native.fc.base.kernel.get_value(), rtol=1e-6, atol=1e-6)
+    assert lp.peft_state_dict_paired(nnx.as_pure(nnx.state(foreign, nnx.LoRAParam)), lp.nnx_lora_pairing()).keys() == {
+        f"base_model.model.{m}.lora_{k}.weight" for m in ("fc", "head") for k in "AB"
+    }

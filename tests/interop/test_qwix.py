@@ -12,7 +12,7 @@ from flax import nnx
 
 import lorapro_jax as lp
 
-from ._common import ALPHA, RANK, TXS, X, Net, factors, native_factors, native_model, train_native, train_nnx_optimizer
+from ._common import ALPHA, RANK, TXS, X, Y, Net, factors, native_factors, native_model, train_native, train_nnx_optimizer
 from ._common import loss_fn as model_loss
 
 qwix = pytest.importorskip("qwix")
@@ -190,3 +190,45 @@ def test_qwix_batched_dot_general_factors_train_as_stacked_pairs(name):
     for i in range(3):
         np.testing.assert_allclose(q.bat.kernel_lora_a.get_value()[i], twin[f"s{i}"]["A"], **TOL)
         np.testing.assert_allclose(q.bat.kernel_lora_b.get_value()[i], twin[f"s{i}"]["B"], **TOL)
+
+
+def test_qwix_linen_model_in_multi_transform_matches_native():
+    """qwix on a Linen model (factors under "params"), LoRA-Pro through optax.multi_transform with a frozen base."""
+    import flax.linen as nn
+    import optax
+
+    class LinenNet(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="head")(jnp.tanh(nn.Dense(8, name="fc")(x)))
+
+    provider = qwix.LoraProvider(module_path="fc|head", rank=RANK, alpha=ALPHA)
+    model = qwix.apply_lora_to_model(LinenNet(), provider)
+    variables = model.init(jax.random.key(0), X)
+    native = native_model()
+    for name, layer in lp.lora_layers(native).items():
+        a, b = factors()[name]
+        variables["params"][name].update(
+            kernel=layer.base.kernel.get_value(), bias=layer.base.bias.get_value(), kernel_lora_a=a, kernel_lora_b=b
+        )
+    plan = lp.qwix_pairing(provider).plan(variables)
+    assert {s.name: s.scale for s in plan.pairs} == {"params/fc/kernel": ALPHA / RANK, "params/head/kernel": ALPHA / RANK}
+    labels = jax.tree_util.tree_map_with_path(lambda p, _: "lora" if "_lora_" in str(p[-1]) else "frozen", variables)
+    tx = optax.multi_transform(
+        {"lora": lp.paired(TXS["full"](), lp.qwix_pairing(provider)), "frozen": optax.set_to_zero()}, labels
+    )
+    loss = lambda v: jnp.mean((model.apply(v, X) - Y) ** 2)
+    np.testing.assert_allclose(loss(variables), model_loss(native), rtol=1e-6)
+    train_native(native, TXS["full"]())
+    st = tx.init(variables)
+
+    @jax.jit
+    def step(v, st):
+        u, st = tx.update(jax.grad(loss)(v), st, v)
+        return optax.apply_updates(v, u), st
+
+    for _ in range(5):
+        variables, st = step(variables, st)
+    for layer, (a, b) in native_factors(native).items():
+        np.testing.assert_allclose(variables["params"][layer]["kernel_lora_a"], a, **TOL)
+        np.testing.assert_allclose(variables["params"][layer]["kernel_lora_b"], b, **TOL)
