@@ -53,6 +53,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -939,6 +940,28 @@ class _Jsonl:
         self.f.close()
 
 
+def _rewind_log(path: Path, step: int) -> int:
+    """Keeps the records of ``path`` up to ``step`` (a crash after the checkpoint logged more, maybe a
+    torn last line); returns how many were dropped. Rewritten atomically."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line) if line.endswith("\n") else None
+            except json.JSONDecodeError:
+                rec = None
+            if rec is None or rec.get("step", 0) > step:
+                dropped += bool(line.strip())
+                continue
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return dropped
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -993,9 +1016,12 @@ def run(
             also_save=nnx.Param if method == "lora-ga" else None,  # LoRA-GA changed the base weights
         )
         if args.resume and ckpt.latest_step() is not None:
-            info = ckpt.restore(model, opt)
+            info = ckpt.restore(model, opt, skip_corrupt=True)
             start_epoch, start_batch, step = info.data_state["epoch"], info.data_state["batch"], info.step
             resumed = True
+            dropped = _rewind_log(run_dir / "metrics.jsonl", step)
+            print(f"{name}: resuming from the checkpoint of step {step}"
+                  + (f"; dropped {dropped} log records written after it" if dropped else ""), file=sys.stderr)
     log = _Jsonl(run_dir / "metrics.jsonl", append=resumed)
     if not resumed:
         log.write({"type": "config", "task": task.name, "method": method, "seed": seed, "steps": total,

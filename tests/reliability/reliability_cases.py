@@ -489,7 +489,7 @@ if __name__ == "__main__":
     import tempfile
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    groups = sys.argv[1:] or sorted({c.group for c in ALL_CASES})
+    groups = sys.argv[1:] or list(dict.fromkeys(c.group for c in ALL_CASES))
     with tempfile.TemporaryDirectory() as d:
         for g in groups:
             print(f"\n### {g}\n")
