@@ -213,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "plain SGD on the adjusted gradients; the head and other trained leaves get plain SGD too)")
     g.add_argument("--x-mode", choices=("sylvester", "zero", "symmetry"), default="sylvester")
     g.add_argument("--lora-plus-ratio", type=float, default=16.0, help="LoRA+: lr(B) / lr(A)")
+    g.add_argument("--on-nonfinite", choices=("raise", "skip", "ignore"), default="raise",
+                   help="a step with NaN/inf gradients or updates (every method): raise (stop with one line naming "
+                        "the step and the parameters), skip (keep params and optimizer state, count it) or ignore")
+    g.add_argument("--max-consecutive-skips", type=int, default=10,
+                   help="with --on-nonfinite skip: stop after more than this many non-finite steps in a row")
     g.add_argument("--lora-ga-batches", type=int, default=4, help="LoRA-GA: batches for the gradient estimate")
     g.add_argument("--lora-ga-batch-size", type=int, default=None, help="LoRA-GA: their size (default --batch-size)")
     g.add_argument("--lora-ga-direction", choices=("ArB2r", "ArBr", "A2rBr", "random"), default="ArB2r")
@@ -757,9 +762,10 @@ def make_tx(args: argparse.Namespace, method: str, schedule: optax.Schedule) -> 
     if method == "lora-pro" and args.lora_pro_form == "sgd":
         if wd:
             raise SystemExit("--lora-pro-form sgd has no weight decay; pass --weight-decay 0")
-        tx = lp.lora_pro_sgd(schedule, x_mode=args.x_mode)
+        tx = lp.lora_pro_sgd(schedule, x_mode=args.x_mode, on_nonfinite="ignore")
     elif method == "lora-pro":
-        tx = lp.lora_pro_adamw(schedule, weight_decay=wd, form=args.lora_pro_form, x_mode=args.x_mode)
+        tx = lp.lora_pro_adamw(schedule, weight_decay=wd, form=args.lora_pro_form, x_mode=args.x_mode,
+                               on_nonfinite="ignore")
     elif method == "lora-plus":
         from lorapro_jax.optim.lora_plus import lora_plus_adamw
 
@@ -768,7 +774,8 @@ def make_tx(args: argparse.Namespace, method: str, schedule: optax.Schedule) -> 
         tx = optax.adamw(schedule, weight_decay=wd)
     if args.clip_norm and args.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(args.clip_norm), tx)
-    return tx
+    # --on-nonfinite guards the whole chain of every method (the LoRA-Pro aliases' own check is off above)
+    return lp.guard_nonfinite(tx, args.on_nonfinite, max_consecutive_skips=args.max_consecutive_skips, name=method)
 
 
 def lora_config(args: argparse.Namespace, method: str, model_type: str) -> lp.LoraConfig:
@@ -1073,16 +1080,25 @@ def run(
             if measure:
                 align_before = alignment.effective_kernels(model, align_paths)
                 align_grads = alignment.kernel_grads(model, align_loss, align_paths, dev_batch)
-            loss, gnorm = train_step(model, opt, dev_batch, spec)
-            loss = float(loss)
+            try:
+                with lp.unwrap_nonfinite_errors():
+                    loss, gnorm = train_step(model, opt, dev_batch, spec)
+                    loss = float(loss)
+            except lp.NonFiniteError as e:  # one line: the run, the step, the parameter paths
+                raise SystemExit(f"{name}: non-finite step {step + 1}: {e}") from None
             dt = time.perf_counter() - t0
             if not compiled:
                 step_times.append(dt)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"{name}: non-finite loss {loss} at step {step + 1}")
+            skipped = not math.isfinite(loss)
+            if skipped and args.on_nonfinite != "skip":
+                raise SystemExit(f"{name}: non-finite loss {loss} at step {step + 1}")
             lr = float(sched(step))
             step += 1
-            epoch_losses.setdefault(epoch, []).append(loss)
+            if skipped:  # --on-nonfinite skip: params and optimizer state were kept; not a loss to average
+                log.write({"type": "event", "step": step, "epoch": epoch, "event": "nonfinite_skip",
+                           "skipped_total": int(lp.nonfinite_skips(opt))})
+            else:
+                epoch_losses.setdefault(epoch, []).append(loss)
             if measure:
                 res = alignment.update_alignment(
                     align_before, alignment.effective_kernels(model, align_paths), align_grads
@@ -1090,8 +1106,9 @@ def run(
                 log.write({"type": "alignment", "step": step, "epoch": epoch, "cos_overall": res.overall,
                            "cos_mean": res.mean, "update_norm": res.update_norm, "full_grad_norm": res.grad_norm,
                            "per_layer": res.per_layer})
-            log.write({"type": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr,
-                       "grad_norm": float(gnorm), "step_time_s": dt, "compiled": compiled})
+            if not skipped:
+                log.write({"type": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr,
+                           "grad_norm": float(gnorm), "step_time_s": dt, "compiled": compiled})
             for hook in mstate.hooks:
                 for ev in hook(step):
                     log.write({"type": "event", "step": step, "epoch": epoch, **ev})
@@ -1144,10 +1161,13 @@ def run(
         "wall_time_s": time.perf_counter() - t_start,
         "mean_step_time_s": float(np.mean(step_times)) if step_times else None,
         "resumed": resumed,
+        "nonfinite_skips": int(lp.nonfinite_skips(opt)) if opt is not None else 0,
         "exports": exports,
         "device": str(jax.devices()[0].platform),
         **{k: v for k, v in mstate.info.items() if not isinstance(v, dict)},
     }
+    if summary["nonfinite_skips"]:
+        print(f"[{name}] skipped {summary['nonfinite_skips']} non-finite steps (--on-nonfinite skip)", file=sys.stderr)
     with open(run_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     return summary
