@@ -60,8 +60,25 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
+def method_order(method: str) -> tuple[int, str]:
+    """Sort key of a method: the order of ``experiments.cli.METHODS`` (lora, lora-pro, ..., full), others after."""
+    from .cli import METHODS
+
+    return (METHODS.index(method), "") if method in METHODS else (len(METHODS), method)
+
+
+def _ordered(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs by task (first-seen order), then method (:func:`method_order`), then seed."""
+    tasks: dict[str, int] = {}
+    for s in summaries:
+        tasks.setdefault(s["task"], len(tasks))
+    return sorted(summaries, key=lambda s: (tasks[s["task"]], method_order(s["method"]), str(s.get("peak_lr", "")),
+                                            s.get("seed", 0)))
+
+
 def aggregate(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Group runs by ``(task, method)`` (first-seen order) and average over seeds.
+    """Group runs by ``(task, method)`` (tasks in first-seen order, methods as in ``--method``'s list) and
+    average over seeds.
 
     Returns:
         One dict per group: ``task``, ``method``, ``seeds``, ``metric`` (name), ``metric_mean``,
@@ -70,7 +87,7 @@ def aggregate(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ``step_time_mean``.
     """
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for s in summaries:
+    for s in _ordered(summaries):
         groups.setdefault((s["task"], s["method"]), []).append(s)
     rows = []
     for (task, method), runs in groups.items():
@@ -114,12 +131,18 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
 
+def _pm(mean: float, std: float, n: int, fmt) -> str:
+    """``mean ± std``, or just ``mean`` for a single seed (a std of one value is not 0, it is unknown)."""
+    return fmt(mean) if n < 2 else f"{fmt(mean)} ± {fmt(std)}"
+
+
 def format_runs_table(summaries: Sequence[dict[str, Any]], *, markdown: bool = False) -> str:
-    """One row per run: task, method, seed, final metric (in %), final train loss, trainable
-    parameters, wall time and mean step time."""
-    header = ["task", "method", "seed", "metric", "value (%)", "final loss", "trainable", "wall (s)", "step (s)"]
+    """One row per run: task, method, seed, peak lr, final metric (in %), train loss (mean over the
+    last epoch), trainable parameters, wall time and mean step time (compile steps excluded)."""
+    header = ["task", "method", "seed", "lr", "metric", "value (%)", "train loss (last-epoch mean)", "trainable",
+              "wall (s)", "step (s)"]
     rows = []
-    for s in summaries:
+    for s in _ordered(summaries):
         name, value = primary_metric(s)
         loss = s.get("final_train_loss")
         step = s.get("mean_step_time_s")
@@ -128,6 +151,7 @@ def format_runs_table(summaries: Sequence[dict[str, Any]], *, markdown: bool = F
                 s["task"],
                 s["method"],
                 str(s["seed"]),
+                "n/a" if s.get("peak_lr") is None else f"{s['peak_lr']:g}",
                 f"{s.get('final_split', '?')} {name}",
                 _pct(value),
                 "n/a" if loss is None else f"{loss:.4f}",
@@ -140,9 +164,10 @@ def format_runs_table(summaries: Sequence[dict[str, Any]], *, markdown: bool = F
 
 
 def format_mean_table(summaries: Sequence[dict[str, Any]], *, markdown: bool = False) -> str:
-    """One row per ``(task, method)``: metric mean ± std over seeds (in %), final train loss
-    mean ± std, trainable parameters, mean wall time."""
-    header = ["task", "method", "seeds", "metric", "mean ± std (%)", "final loss", "trainable", "wall (s)"]
+    """One row per ``(task, method)``: metric mean ± std over seeds (in %; the mean alone for one seed),
+    train loss (mean over each run's last epoch) mean ± std, trainable parameters, mean wall time."""
+    header = ["task", "method", "seeds", "metric", "mean ± std (%)", "train loss (last-epoch mean)", "trainable",
+              "wall (s)"]
     rows = []
     for r in aggregate(summaries):
         rows.append(
@@ -151,8 +176,8 @@ def format_mean_table(summaries: Sequence[dict[str, Any]], *, markdown: bool = F
                 r["method"],
                 str(len(r["seeds"])),
                 r["metric"],
-                f"{_pct(r['metric_mean'])} ± {_pct(r['metric_std'])}",
-                f"{r['loss_mean']:.4f} ± {r['loss_std']:.4f}",
+                _pm(r["metric_mean"], r["metric_std"], len(r["seeds"]), _pct),
+                _pm(r["loss_mean"], r["loss_std"], len(r["seeds"]), lambda x: f"{x:.4f}"),
                 f"{r['trainable_params'] or 0:,}",
                 f"{r['wall_mean']:.1f}",
             ]

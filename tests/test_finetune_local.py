@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 
 import pytest
-
 from _finetune_models import minilm_dir, write_tiny_bert
+
 from experiments import finetune
 
 WORDS = {"sport": "goal match team win", "tech": "chip software code data", "food": "bread soup cook taste"}

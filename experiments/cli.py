@@ -1,0 +1,300 @@
+"""Command-line options of ``python -m experiments.finetune`` (and of ``experiments.sweep``): parser and configs.
+
+Every option has a default and a help line; ``--config file.json|.yaml`` supplies option values
+(keys are the long option names, with ``-`` or ``_``; keys starting with ``_`` are comments) that the
+command line overrides. This module imports no JAX, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_FULL_LR",
+    "DEFAULT_LR",
+    "DEFAULT_METHODS",
+    "METHODS",
+    "add_run_arguments",
+    "build_parser",
+    "finish_args",
+    "parse_args",
+]
+
+METHODS: tuple[str, ...] = ("lora", "lora-pro", "lora-ga", "lora-plus", "prilora", "alora", "full")
+"""Every value accepted by ``--method``, in the order tables list them."""
+
+DEFAULT_METHODS: tuple[str, ...] = ("lora", "lora-pro", "full")
+"""Methods compared when ``--method`` is not given."""
+
+#: Learning rate used when ``--lr`` is not given (``--full-lr`` for full fine-tuning).
+DEFAULT_LR = 1e-3
+DEFAULT_FULL_LR = 1e-4
+
+
+def csv_list(text: Any) -> list[str]:
+    """``"a, b,c"`` -> ``["a", "b", "c"]`` (empty items dropped)."""
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def int_list(text: Any, flag: str = "--seeds") -> list[int]:
+    """Comma-separated integers (or a list / an int from a config) -> a list of ints."""
+    if isinstance(text, (list, tuple)):
+        return [int(s) for s in text]
+    if isinstance(text, int):
+        return [text]
+    try:
+        return [int(s) for s in csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{flag} must be a comma-separated list of integers, got {text!r}") from None
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the help states its default itself.
+
+    Options whose default is ``None`` must say in their help what happens when they are not given;
+    flags (``store_true``) show no default.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _run_group(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--config", default=None, help="JSON or YAML file of option values (the command line overrides it)")
+    g.add_argument("--method", default=None,
+                   help=f"one or more (comma-separated) of {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    g.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (one run per seed)")
+    g.add_argument("--out-dir", default="runs", help="each run writes <out-dir>/<run-name>/")
+    g.add_argument("--run-name", default=None,
+                   help="prefix of the run directories (default: the task name); a run is <prefix>-<method>-s<seed>")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    g.add_argument("--checkpoint-dir", default=None,
+                   help="save orbax training checkpoints under <dir>/<run-name>/ at the end of each epoch "
+                        "(default: no checkpoints)")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
+    g.add_argument("--resume", action="store_true", help="resume each run from its latest checkpoint")
+    g.add_argument("--save-adapters", default=None,
+                   help="write the trained adapters (orbax) to <dir>/<run-name> (default: not saved)")
+    g.add_argument("--export-peft", default=None,
+                   help="export the trained adapters in Hugging Face PEFT format to <dir>/<run-name> "
+                        "(default: not exported)")
+
+
+def _data_group(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None,
+                   help="local Hugging Face checkpoint directory (default: the installed all-MiniLM-L6-v2)")
+    g.add_argument("--task", default="bbc",
+                   help="bbc; local (your own labelled files, see --data-files); or glue:<task> (cola, sst2, mrpc, "
+                        "qqp, stsb, mnli, qnli, rte); comma-separated for several")
+    g.add_argument("--data-files", default=None,
+                   help="local files 'train=PATH,validation=PATH[,test=PATH]' (csv/tsv/jsonl/parquet) for --task "
+                        "local (without test, validation is also the final split) and glue:<task>; a config may "
+                        "give {task: {split: path}} (default: none; bbc and glue read installed data)")
+    g.add_argument("--text-column", default="text", help="--task local: the column holding the text")
+    g.add_argument("--text-pair-column", default=None,
+                   help="--task local: a second text column for sentence pairs (default: none)")
+    g.add_argument("--label-column", default="label",
+                   help="--task local: the column holding the label (strings or integers)")
+    g.add_argument("--head", choices=("auto", "classifier", "seq2seq"), default="auto",
+                   help="classification head (auto: seq2seq for T5, classifier otherwise)")
+    g.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="BERT pooling for the classifier")
+    g.add_argument("--prompt", default=None,
+                   help="seq2seq input template with {column} fields; a config may give {task: template} "
+                        "(default: none; needed with --head seq2seq)")
+    g.add_argument("--label-words", default=None,
+                   help="seq2seq target words, comma-separated, by label id; a config may give {task: [...]} "
+                        "(default: the label names)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="base model dtype")
+    g.add_argument("--max-length", type=int, default=128, help="tokens per example (longer texts are truncated)")
+    g.add_argument("--max-per-class", type=int, default=40,
+                   help="bbc: training articles per class (from the seeded 80%% train split)")
+    g.add_argument("--eval-max-per-class", type=int, default=None,
+                   help="bbc: cap on validation / test articles per class (default: no cap, ~42 per class)")
+    g.add_argument("--max-train-examples", type=int, default=None,
+                   help="glue: seeded subsample of the train split (default: all)")
+    g.add_argument("--max-eval-examples", type=int, default=None,
+                   help="glue: seeded subsample of the eval split (default: all)")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the data split / subsampling (fixed over seeds)")
+
+
+def _training_group(p: argparse.ArgumentParser, *, with_lr: bool) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=2, help="passes over the training split")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
+    g.add_argument("--batch-size", type=int, default=16, help="training examples per step")
+    g.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation batch")
+    if with_lr:
+        g.add_argument("--lr", type=float, default=None,
+                       help=f"peak learning rate of the LoRA methods (default: {DEFAULT_LR}; not tuned per method: "
+                            "python -m experiments.sweep tunes it)")
+        g.add_argument("--full-lr", type=float, default=None,
+                       help=f"peak learning rate of full fine-tuning (default: --lr if given, else {DEFAULT_FULL_LR})")
+    g.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
+                   help="learning-rate decay after the warm-up (cosine and linear decay to 0 at the last step)")
+    g.add_argument("--warmup-ratio", type=float, default=0.03,
+                   help="linear warm-up over ceil(ratio x steps) steps w, from peak/(w+1) at step 1 to the peak "
+                        "(never 0)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled (AdamW) weight decay")
+    g.add_argument("--clip-norm", type=float, default=1.0, help="clip the raw gradients' global norm (0: off)")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end of each epoch)")
+    g.add_argument("--no-train-head", action="store_true", help="LoRA methods: freeze the classification head")
+
+
+def _lora_group(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r, or alpha/sqrt(r) with rsLoRA)")
+    g.add_argument("--rslora", action=argparse.BooleanOptionalAction, default=None,
+                   help="alpha/sqrt(r) scaling (default: on for lora-ga, off otherwise)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
+    g.add_argument("--targets", default=None,
+                   help="LoRA targets: a regex (full match on the dotted module path) or comma-separated "
+                        "module-name suffixes (default: the model family's attention query/value)")
+    g.add_argument("--lora-pro-form", choices=("full", "efficient", "lean"), default="full",
+                   help="LoRA-Pro AdamW form: full (paper), efficient (low-rank Adam state) or lean")
+    g.add_argument("--x-mode", choices=("sylvester", "zero", "symmetry"), default="sylvester",
+                   help="LoRA-Pro's free r x r matrix X: the Sylvester solution closest to the raw gradients (paper), "
+                        "zero, or the symmetric choice")
+    g.add_argument("--lora-plus-ratio", type=float, default=16.0, help="LoRA+: lr(B) / lr(A)")
+    g.add_argument("--lora-ga-batches", type=int, default=4, help="LoRA-GA: batches for the gradient estimate")
+    g.add_argument("--lora-ga-batch-size", type=int, default=None,
+                   help="LoRA-GA: their size (default: --batch-size)")
+    g.add_argument("--lora-ga-direction", choices=("ArB2r", "ArBr", "A2rBr", "random"), default="ArB2r",
+                   help="LoRA-GA: which singular vectors initialise A and B")
+    g.add_argument("--lora-ga-scale", choices=("stable", "gd", "unit"), default="stable",
+                   help="LoRA-GA: factor c on A0 and B0: stable m^(1/4)/sqrt(gamma), gd 1/s, unit 1")
+    g.add_argument("--lora-ga-gamma", type=float, default=16.0, help="LoRA-GA: gamma of the stable scaling")
+
+
+def _rank_group(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("PRILoRA / ALoRA")
+    g.add_argument("--prilora-r-min", type=int, default=None, help="PRILoRA: rank of the first layer (default: rank/2)")
+    g.add_argument("--prilora-r-max", type=int, default=None,
+                   help="PRILoRA: rank of the last layer (default: 2 x rank - r_min)")
+    g.add_argument("--prilora-final-fraction", type=float, default=0.5,
+                   help="PRILoRA: fraction of each row of A pruned by the end of the schedule")
+    g.add_argument("--prilora-start", type=float, default=0.1, help="PRILoRA: pruning starts at this fraction of steps")
+    g.add_argument("--prilora-end", type=float, default=0.8, help="PRILoRA: pruning ends at this fraction of steps")
+    g.add_argument("--prilora-every", type=int, default=0, help="PRILoRA: prune every N steps (0: about 8 times)")
+    g.add_argument("--alora-max-rank", type=int, default=None, help="ALoRA: rank slots per module (default: 2 x rank)")
+    g.add_argument("--alora-n-prune", type=int, default=None,
+                   help="ALoRA: slots pruned (and re-allocated) per ALoRA step (default: budget/16)")
+    g.add_argument("--alora-start", type=float, default=0.2, help="ALoRA: reallocation starts at this fraction of steps")
+    g.add_argument("--alora-end", type=float, default=0.8, help="ALoRA: reallocation ends at this fraction of steps")
+    g.add_argument("--alora-every", type=int, default=0, help="ALoRA: one step every N steps (0: about 4 steps)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, with_lr: bool = True) -> argparse.ArgumentParser:
+    """Add every single-run option (run, data, training, LoRA, PRILoRA / ALoRA groups) to ``p``."""
+    _run_group(p)
+    _data_group(p)
+    _training_group(p, with_lr=with_lr)
+    _lora_group(p)
+    _rank_group(p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m experiments.finetune`` (every option has a default)."""
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.finetune",
+        description="Fine-tune with LoRA / LoRA-Pro / LoRA-GA / LoRA+ / PRILoRA / ALoRA / full FT.",
+        formatter_class=HelpFormatter,
+    )
+    return add_run_arguments(p)
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as e:  # pragma: no cover - pyyaml is a transformers dependency
+            raise SystemExit(f"--config {path}: reading YAML needs pyyaml (pip install pyyaml)") from e
+        cfg = yaml.safe_load(text)
+    else:
+        cfg = json.loads(text)
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of option names to values")
+    return cfg
+
+
+def _apply_config(parser: argparse.ArgumentParser, path: str) -> None:
+    """Make the values of the config file ``path`` the parser's defaults."""
+    cfg = _load_config(path)
+    dests = {a.dest for a in parser._actions}
+    values, unknown = {}, []
+    for key, value in cfg.items():
+        if key.startswith("_"):
+            continue
+        dest = key.replace("-", "_")
+        if dest not in dests or dest in ("help", "config"):
+            unknown.append(key)
+        else:
+            values[dest] = value
+    if unknown:
+        raise SystemExit(f"--config {path}: unknown keys {unknown}; valid: {sorted(dests - {'help', 'config'})}")
+    parser.set_defaults(**values)
+
+
+def _check_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from lorapro_jax.data import get_glue_task
+
+    for t in args.tasks:
+        if t not in ("bbc", "local") and not t.startswith("glue:"):
+            parser.error(f"--task: expected 'bbc', 'local' or 'glue:<task>', got {t!r}")
+        if t == "local" and not args.data_files:
+            parser.error("--task local needs --data-files train=PATH,validation=PATH[,test=PATH]")
+        if t.startswith("glue:"):
+            try:
+                get_glue_task(t.split(":", 1)[1])
+            except ValueError as e:
+                parser.error(f"--task: {e}")
+
+
+def finish_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Check parsed options and add ``methods``, ``seed_list`` and ``tasks`` (lists)."""
+    methods = args.method if isinstance(args.method, list) else csv_list(args.method or ",".join(DEFAULT_METHODS))
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        parser.error(f"--method: unknown {bad}; expected some of {', '.join(METHODS)}")
+    args.methods = methods
+    try:
+        args.seed_list = int_list(args.seeds)
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    args.tasks = args.task if isinstance(args.task, list) else csv_list(args.task)
+    _check_tasks(parser, args)
+    if args.resume and not args.checkpoint_dir:
+        parser.error("--resume needs --checkpoint-dir")
+    if args.epochs < 1 or args.batch_size < 1 or args.rank < 1:
+        parser.error("--epochs, --batch-size and --rank must be positive")
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        parser.error(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    return args
+
+
+def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse the CLI; values from ``--config`` become defaults that command-line options override.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+        parser: the parser (default :func:`build_parser`; ``experiments.sweep`` passes its own).
+
+    Raises:
+        SystemExit: unknown config keys (the message lists the valid ones) or bad values.
+    """
+    parser = parser or build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        _apply_config(parser, first.config)
+    return finish_args(parser, parser.parse_args(argv))
