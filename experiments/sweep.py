@@ -1,0 +1,434 @@
+"""Learning-rate sweeps: ``python -m experiments.sweep`` (method x lr grid x seeds, tuned on validation).
+
+For every method it trains the lr grid (``--lrs``; ``--full-lrs`` for full fine-tuning) on the tuning seeds
+(``--tune-seeds``, default all ``--seeds``) with the single-run machinery of ``experiments.finetune``
+(:func:`experiments.runner.run_single`), picks each method's lr on the validation split (never on test; see
+:mod:`experiments.sweep_stats`), runs the remaining seeds at that lr only, and reports on the final split
+(test) the mean ± std over seeds and a 95 % bootstrap interval over seeds and test examples::
+
+    python -m experiments.sweep --task local --data-files train=a.csv,validation=b.csv,test=c.csv \\
+        --method lora,lora-pro,full --lrs 3e-4,1e-3,3e-3,1e-2 --full-lrs 3e-5,1e-4,3e-4 \\
+        --seeds 0,1,2 --tune-seeds 0 --jobs 2 --sweep-name mytask
+
+All single-run options (``--task``, ``--data-files``, ``--rank``, ``--epochs``, ...) work as in
+``experiments.finetune``. Output in ``<out-dir>/<sweep-name>/``: ``runs/<method>-lr<lr>-s<seed>/`` (one run
+each; a run is finished when its ``summary.json`` — or ``failed.json`` for a run that raised, e.g. diverged
+— exists, and is skipped when the sweep is started again), ``results.json``, ``results.md``,
+``accuracy_vs_lr.png`` and ``loss_at_chosen_lr.png``.
+
+Runs of one method share one compiled train step (the peak lr is a traced value); ``--jobs N`` runs N worker
+processes (each loads the model and data once), which also share compilations through JAX's persistent
+compilation cache (``--compile-cache``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import sweep_stats
+from .cli import HelpFormatter, add_run_arguments, csv_list, parse_args
+
+__all__ = ["build_parser", "main", "plan_runs", "run_dir_name", "summarize"]
+
+DEFAULT_LRS = "1e-4,3e-4,1e-3,3e-3,1e-2"
+DEFAULT_FULL_LRS = "1e-5,3e-5,1e-4,3e-4"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m experiments.sweep``: every single-run option (minus ``--lr``) + the sweep's."""
+    p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    add_run_arguments(p, with_lr=False)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--sweep-name", default=None, help="output directory <out-dir>/<sweep-name>/ (default: <task>-sweep)")
+    g.add_argument("--lrs", default=DEFAULT_LRS, help="peak learning rates tried for the LoRA methods")
+    g.add_argument("--full-lrs", default=DEFAULT_FULL_LRS, help="peak learning rates tried for full fine-tuning")
+    g.add_argument("--tune-seeds", default=None,
+                   help="seeds trained at every lr of the grid (default: all --seeds); the other --seeds run only "
+                        "at each method's chosen lr")
+    g.add_argument("--jobs", type=int, default=1, help="worker processes running the pending runs in parallel")
+    g.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates of the 95%% intervals")
+    g.add_argument("--compile-cache", default="auto",
+                   help="JAX persistent compilation cache directory; 'auto': <out-dir>/.jax_cache, 'none': off")
+    g.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _floats(text: Any, flag: str) -> list[float]:
+    try:
+        vals = [float(x) for x in (text if isinstance(text, list) else csv_list(text))]
+    except ValueError:
+        raise SystemExit(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise SystemExit(f"{flag}: expected positive learning rates, got {text!r}")
+    return sorted(set(vals))
+
+
+def _resolve(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = parse_args(argv, parser=build_parser())
+    if len(args.tasks) != 1:
+        raise SystemExit(f"--task: a sweep runs one task, got {args.tasks}")
+    args.lr_grid = {m: _floats(args.full_lrs if m == "full" else args.lrs, "--full-lrs" if m == "full" else "--lrs")
+                    for m in args.methods}
+    tune = args.seed_list if args.tune_seeds is None else [int(s) for s in csv_list(args.tune_seeds)]
+    if not tune or not set(tune) <= set(args.seed_list):
+        raise SystemExit(f"--tune-seeds {tune} must be a non-empty subset of --seeds {args.seed_list}")
+    args.tune_list = tune
+    args.sweep_dir = Path(args.out_dir) / (args.sweep_name or f"{args.tasks[0].replace(':', '-')}-sweep")
+    if args.jobs < 1:
+        raise SystemExit("--jobs must be >= 1")
+    return args
+
+
+def run_dir_name(method: str, lr: float, seed: int) -> str:
+    """``<method>-lr<lr>-s<seed>`` (lr in ``%g`` form)."""
+    return f"{method}-lr{lr:g}-s{seed}"
+
+
+def plan_runs(methods: Sequence[str], grid: dict[str, list[float]], tune_seeds: Sequence[int],
+              seeds: Sequence[int], chosen: dict[str, float] | None = None) -> list[tuple[str, float, int]]:
+    """``(method, lr, seed)`` to run: the grid on the tuning seeds, or (``chosen`` given) the other seeds at
+    the chosen lr."""
+    if chosen is None:
+        return [(m, lr, s) for m in methods for lr in grid[m] for s in tune_seeds]
+    return [(m, chosen[m], s) for m in methods for s in seeds if s not in tune_seeds]
+
+
+def _finished(runs_dir: Path, spec: tuple[str, float, int]) -> bool:
+    d = runs_dir / run_dir_name(*spec)
+    return (d / "summary.json").is_file() or (d / "failed.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Execution
+# ----------------------------------------------------------------------------------------------
+
+
+def _enable_compile_cache(args: argparse.Namespace) -> None:
+    if args.compile_cache == "none":
+        return
+    import jax
+
+    path = Path(args.out_dir) / ".jax_cache" if args.compile_cache == "auto" else Path(args.compile_cache)
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path.resolve()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _run_specs(args: argparse.Namespace, specs: Sequence[tuple[str, float, int]], runs_dir: Path) -> None:
+    """Run ``specs`` in this process (one session: the data and model load once); failures -> failed.json."""
+    from .runner import open_session, run_single
+
+    _enable_compile_cache(args)
+    session = open_session(args, args.tasks[0])
+    for method, lr, seed in sorted(specs):  # grouped by method: one compiled step per method
+        name = run_dir_name(method, lr, seed)
+        t0 = time.perf_counter()
+        try:
+            s = run_single(session, method, seed, lr, name=name, out_dir=runs_dir)
+            val = s["last_eval_metrics"].get(s["primary_metric"])
+            print(f"[sweep] {name}: validation {s['primary_metric']} {val:.4f}, {s['wall_time_s']:.1f} s", flush=True)
+        except Exception as e:  # noqa: BLE001 - a diverged lr is a result of the sweep, not its end
+            (runs_dir / name).mkdir(parents=True, exist_ok=True)
+            (runs_dir / name / "failed.json").write_text(json.dumps(
+                {"method": method, "lr": lr, "seed": seed, "error": f"{type(e).__name__}: {e}",
+                 "wall_time_s": time.perf_counter() - t0}, indent=2))
+            print(f"[sweep] {name}: FAILED ({type(e).__name__}: {e})", flush=True)
+
+
+def _worker_main(path: str) -> None:
+    job = json.loads(Path(path).read_text())
+    args = _resolve(job["argv"])
+    args.no_progress = True
+    _run_specs(args, [tuple(s) for s in job["specs"]], Path(job["runs_dir"]))
+
+
+def _chunks(specs: list[tuple[str, float, int]], n: int) -> list[list[tuple[str, float, int]]]:
+    """Split sorted specs into ``n`` contiguous chunks of near-equal size (workers mostly see one method)."""
+    specs = sorted(specs)
+    bounds = np.linspace(0, len(specs), n + 1).round().astype(int)
+    return [specs[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def execute(args: argparse.Namespace, argv: Sequence[str], specs: Sequence[tuple[str, float, int]]) -> None:
+    """Run the unfinished ``specs``: in-process for ``--jobs 1``, else in ``--jobs`` worker processes."""
+    runs_dir = args.sweep_dir / "runs"
+    todo = [s for s in specs if not _finished(runs_dir, s)]
+    skipped = len(specs) - len(todo)
+    print(f"[sweep] {len(todo)} runs to do, {skipped} already finished (skipped)", file=sys.stderr, flush=True)
+    if not todo:
+        return
+    if args.jobs == 1:
+        _run_specs(args, todo, runs_dir)
+        return
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, chunk in enumerate(_chunks(todo, args.jobs)):
+            job = Path(tmp) / f"job{i}.json"
+            job.write_text(json.dumps({"argv": list(argv), "specs": chunk, "runs_dir": str(runs_dir)}))
+            procs.append(subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--worker", str(job)], env=env))
+        codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"[sweep] worker exit codes {codes}: see the messages above")
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_run(runs_dir: Path, spec: tuple[str, float, int]) -> dict[str, Any]:
+    """The record of one finished run (``sweep_stats`` format) with its loss curve and predictions."""
+    method, lr, seed = spec
+    d = runs_dir / run_dir_name(*spec)
+    if (d / "failed.json").is_file():
+        info = json.loads((d / "failed.json").read_text())
+        return {"method": method, "lr": lr, "seed": seed, "failed": True, "error": info["error"], "val": None,
+                "wall_time_s": info.get("wall_time_s")}
+    s = json.loads((d / "summary.json").read_text())
+    metric = s["primary_metric"]
+    train = [r for r in _read_jsonl(d / "metrics.jsonl") if r.get("type") == "train"]
+    preds = np.load(d / "predictions.npz")
+    return {
+        "method": method, "lr": lr, "seed": seed, "failed": False, "run": str(d),
+        "metric": metric, "val": s["last_eval_metrics"].get(metric), "final": s["final_metrics"].get(metric),
+        "final_split": s["final_split"], "eval_split": s.get("eval_split", "validation"),
+        "train_loss": s["final_train_loss"], "last_step_train_loss": s.get("last_step_train_loss"),
+        "steps": s["steps"], "wall_time_s": s["wall_time_s"], "mean_step_time_s": s.get("mean_step_time_s"),
+        "trainable_params": s["trainable_params"],
+        "loss_curve": [r["loss"] for r in train],
+        "scores": preds["scores"], "labels": preds["labels"],
+    }
+
+
+def _metric_fn(task: str, metric: str) -> sweep_stats.Metric:
+    if metric == "accuracy":
+        return sweep_stats.accuracy_metric
+    if task.startswith("glue:"):
+        from lorapro_jax.data import compute_glue_metrics
+
+        name = task.split(":", 1)[1]
+        return lambda s, y: float(compute_glue_metrics(name, s, y, np.ones(len(y), np.float32))[metric])
+    raise SystemExit(f"no bootstrap for metric {metric!r} of task {task!r}")
+
+
+def _method_result(args: argparse.Namespace, method: str, lr: float, runs: list[dict]) -> dict[str, Any]:
+    ok = [r for r in runs if r["method"] == method and r["lr"] == lr and not r["failed"]]
+    failed = [r for r in runs if r["method"] == method and r["lr"] == lr and r["failed"]]
+    if not ok:
+        return {"chosen_lr": lr, "seeds": [], "failed_seeds": [r["seed"] for r in failed]}
+    ok.sort(key=lambda r: r["seed"])
+    metric = _metric_fn(args.tasks[0], ok[0]["metric"])
+    ci = sweep_stats.bootstrap_interval([r["scores"] for r in ok], [r["labels"] for r in ok], metric=metric,
+                                        replicates=args.bootstrap)
+    steps = min(len(r["loss_curve"]) for r in ok)
+    curve = np.mean([r["loss_curve"][:steps] for r in ok], axis=0)
+    return {
+        "chosen_lr": lr, "seeds": [r["seed"] for r in ok], "failed_seeds": [r["seed"] for r in failed],
+        "val_mean": float(np.mean([r["val"] for r in ok])),
+        "test_mean": ci["mean"], "test_std": ci["std"], "test_per_seed": ci["per_seed"],
+        "ci_low": ci["low"], "ci_high": ci["high"],
+        "train_loss_last_epoch_mean": float(np.mean([r["train_loss"] for r in ok])),
+        "last_step_train_loss_mean": float(np.mean([r["last_step_train_loss"] for r in ok])),
+        "steps": steps, "loss_curve_mean": curve.tolist(),
+        "wall_time_per_run_s": float(np.mean([r["wall_time_s"] for r in ok])),
+        "trainable_params": ok[0]["trainable_params"],
+    }
+
+
+def _differences(args: argparse.Namespace, chosen: dict[str, float], runs: list[dict]) -> dict[str, Any]:
+    """Each method minus full fine-tuning (when in the sweep), bootstrap interval paired over test examples."""
+    if "full" not in chosen:
+        return {}
+    pick = {m: sorted((r for r in runs if r["method"] == m and r["lr"] == lr and not r["failed"]),
+                      key=lambda r: r["seed"]) for m, lr in chosen.items()}
+    if not pick["full"]:
+        return {}
+    metric = _metric_fn(args.tasks[0], pick["full"][0]["metric"])
+    out = {}
+    for m, rs in pick.items():
+        if m != "full" and rs:
+            out[f"{m} - full"] = sweep_stats.bootstrap_difference(
+                [r["scores"] for r in rs], [r["scores"] for r in pick["full"]], [r["labels"] for r in rs + pick["full"]],
+                metric=metric, replicates=args.bootstrap)
+    return out
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with non-finite floats replaced by ``None`` (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def summarize(args: argparse.Namespace, runs: list[dict], chosen: dict[str, float], wall_s: float) -> dict[str, Any]:
+    """The content of ``results.json`` (see the README's sweep section)."""
+    ok = [r for r in runs if not r["failed"]]
+    table = sweep_stats.validation_table(runs, args.tune_list)
+    return {
+        "sweep": args.sweep_dir.name, "task": args.tasks[0], "metric": ok[0]["metric"] if ok else None,
+        "selection_split": ok[0]["eval_split"] if ok else None, "final_split": ok[0]["final_split"] if ok else None,
+        "selection": "per method, the lr with the highest mean validation metric over the tuning seeds "
+                     "(ties: lower mean last-epoch train loss, then smaller lr); test is never used",
+        "interval": f"{100 * 0.95:.0f}% percentile bootstrap over seeds and test examples, {args.bootstrap} replicates "
+                    "(experiments/sweep_stats.py)",
+        "seeds": args.seed_list, "tune_seeds": args.tune_list, "grid": args.lr_grid,
+        "validation_by_lr": {m: {f"{lr:g}": c for lr, c in by.items()} for m, by in table.items()},
+        "methods": {m: _method_result(args, m, lr, runs) for m, lr in chosen.items()},
+        "differences_vs_full": _differences(args, chosen, runs),
+        "runs": [{k: v for k, v in r.items() if k not in ("scores", "labels", "loss_curve")} for r in runs],
+        "sweep_wall_time_s": wall_s,
+        "settings": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:.2f}"
+
+
+def format_markdown(res: dict[str, Any]) -> str:
+    """``results.md``: the tuned comparison, the validation grid and the differences to full fine-tuning."""
+    metric, final = res["metric"], res["final_split"]
+    lines = [f"# Sweep `{res['sweep']}`: {res['task']}", "",
+             f"lr chosen per method on {res['selection_split']} {metric} (tuning seeds {res['tune_seeds']}); "
+             f"{final} {metric} over seeds {res['seeds']}: mean ± std (sample std; one seed: no std) and "
+             f"{res['interval']}.", ""]
+    if res["selection_split"] == final:
+        lines += [f"**No test split: the {final} numbers are on the split the lr was chosen on (optimistic).**", ""]
+    lines += [f"| method | lr | seeds | {res['selection_split']} (%) | {final} mean ± std (%) | 95% interval (%) | "
+              "train loss (last epoch / last step) | trainable | wall per run (s) |", "|" + "---|" * 9]
+    for m, r in res["methods"].items():
+        if not r["seeds"]:
+            lines.append(f"| {m} | {r['chosen_lr']:g} | 0 | failed | | | | | |")
+            continue
+        std = "" if r["test_std"] is None else f" ± {_pct(r['test_std'])}"
+        lines.append(f"| {m} | {r['chosen_lr']:g} | {len(r['seeds'])} | {_pct(r['val_mean'])} | "
+                     f"{_pct(r['test_mean'])}{std} | {_pct(r['ci_low'])} – {_pct(r['ci_high'])} | "
+                     f"{r['train_loss_last_epoch_mean']:.4f} / {r['last_step_train_loss_mean']:.4f} | "
+                     f"{r['trainable_params']:,} | {r['wall_time_per_run_s']:.1f} |")
+    failed = {m: r["failed_seeds"] for m, r in res["methods"].items() if r["failed_seeds"]}
+    if failed:
+        lines += ["", f"Runs that failed at the chosen lr (left out of the mean and interval): {failed}"]
+    if res["differences_vs_full"]:
+        lines += ["", f"Difference to full fine-tuning ({final} {metric}, points; interval paired over test examples):",
+                  "", "| method - full | difference | 95% interval | interval excludes 0 |", "|---|---|---|---|"]
+        for k, d in res["differences_vs_full"].items():
+            lines.append(f"| {k} | {100 * d['diff']:+.2f} | {100 * d['low']:+.2f} – {100 * d['high']:+.2f} | "
+                         f"{'yes' if d['excludes_zero'] else 'no (within the interval)'} |")
+    lines += ["", f"Validation {metric} (%) by lr (mean over the tuning seeds; * chosen; failed runs: x):", ""]
+    for m, by in res["validation_by_lr"].items():
+        chosen = res["methods"][m]["chosen_lr"]
+        cells = [f"{lr}: " + ("x" if c["failed"] else _pct(c["val_mean"])) + ("*" if float(lr) == chosen else "")
+                 for lr, c in by.items()]
+        lines.append(f"- {m}: " + ", ".join(cells))
+    lines += ["", f"Sweep wall time {res['sweep_wall_time_s'] / 60:.1f} min (this invocation)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``accuracy_vs_lr.png`` (validation metric vs lr per method) and ``loss_at_chosen_lr.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, by in res["validation_by_lr"].items():
+        lrs = [float(lr) for lr in by]
+        vals = [100 * c["val_mean"] if np.isfinite(c["val_mean"]) else np.nan for c in by.values()]
+        ax.plot(lrs, vals, "o-", label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel(f"{res['selection_split']} {res['metric']} (%)")
+    ax.set_title(f"{res['task']}: {res['metric']} vs lr (mean over tuning seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [out_dir / "accuracy_vs_lr.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, r in res["methods"].items():
+        if r["seeds"]:
+            curve = np.asarray(r["loss_curve_mean"])
+            ax.plot(np.arange(1, curve.size + 1), curve, label=f"{m} (lr {r['chosen_lr']:g})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (mean over seeds)")
+    ax.set_title(f"{res['task']}: train loss at each method's chosen lr")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "loss_at_chosen_lr.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def _check_settings(args: argparse.Namespace) -> None:
+    """Refuse to mix runs of different settings in one sweep directory (``settings.json``)."""
+    ignore = {"jobs", "no_progress", "worker", "seeds", "seed_list", "tune_seeds", "tune_list", "lrs", "full_lrs",
+              "bootstrap", "compile_cache", "method", "methods", "sweep_dir"}
+    mine = {k: v for k, v in vars(args).items() if k not in ignore and isinstance(v, (str, int, float, bool, type(None)))}
+    path = args.sweep_dir / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
+        if diff:
+            raise SystemExit(f"{args.sweep_dir} holds runs made with other settings {diff} (old, new); "
+                             "use another --sweep-name")
+    args.sweep_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(mine, indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep, then write ``results.json``, ``results.md`` and the plots; returns the results."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first, _ = build_parser().parse_known_args(argv)
+    if first.worker:
+        _worker_main(first.worker)
+        return {}
+    args = _resolve(argv)
+    _check_settings(args)
+    t0 = time.perf_counter()
+    runs_dir = args.sweep_dir / "runs"
+    grid = plan_runs(args.methods, args.lr_grid, args.tune_list, args.seed_list)
+    execute(args, argv, grid)
+    runs = [load_run(runs_dir, s) for s in grid]
+    chosen = sweep_stats.select_lr(runs, args.tune_list)
+    rest = plan_runs(args.methods, args.lr_grid, args.tune_list, args.seed_list, chosen)
+    execute(args, argv, rest)
+    runs += [load_run(runs_dir, s) for s in rest]
+    res = summarize(args, runs, chosen, time.perf_counter() - t0)
+    (args.sweep_dir / "results.json").write_text(json.dumps(_finite(res), indent=2, allow_nan=False))
+    text = format_markdown(res)
+    (args.sweep_dir / "results.md").write_text(text)
+    plot(res, args.sweep_dir)
+    print(text)
+    return res
+
+
+if __name__ == "__main__":
+    main()
