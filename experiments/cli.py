@@ -146,6 +146,10 @@ def _training_group(p: argparse.ArgumentParser, *, with_lr: bool) -> None:
     g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled (AdamW) weight decay")
     g.add_argument("--clip-norm", type=float, default=1.0, help="clip the raw gradients' global norm (0: off)")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end of each epoch)")
+    g.add_argument("--log-alignment-every", type=int, default=0,
+                   help="every N steps (and at step 1) log to metrics.jsonl the cosine between the step's update of "
+                        "the target kernels and the full fine-tuning gradient there (experiments.alignment; costs "
+                        "one extra forward/backward per measurement; 0: off)")
     g.add_argument("--no-train-head", action="store_true", help="LoRA methods: freeze the classification head")
 
 
@@ -159,8 +163,10 @@ def _lora_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--targets", default=None,
                    help="LoRA targets: a regex (full match on the dotted module path) or comma-separated "
                         "module-name suffixes (default: the model family's attention query/value)")
-    g.add_argument("--lora-pro-form", choices=("full", "efficient", "lean"), default="full",
-                   help="LoRA-Pro AdamW form: full (paper), efficient (low-rank Adam state) or lean")
+    g.add_argument("--lora-pro-form", choices=("full", "efficient", "lean", "sgd"), default="full",
+                   help="LoRA-Pro form: full (paper AdamW), efficient (low-rank Adam state), lean (ours), or sgd (the "
+                        "paper's SGD form: plain SGD on the adjusted gradients; the head and other trained leaves "
+                        "get plain SGD too)")
     g.add_argument("--x-mode", choices=("sylvester", "zero", "symmetry"), default="sylvester",
                    help="LoRA-Pro's free r x r matrix X: the Sylvester solution closest to the raw gradients (paper), "
                         "zero, or the symmetric choice")

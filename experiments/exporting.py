@@ -60,11 +60,15 @@ def export_run(
         ex = _require("lorapro_jax.export", ["save_peft_adapter"], "--export-peft")
         target = _lora_ga_peft_model(model, mstate.lora_ga_record) if mstate.lora_ga_record is not None else model
         rslora = args.rslora if args.rslora is not None else (method == "lora-ga")
+        head = HEADS[arch]
+        # The head trained in full travels as PEFT's modules_to_save (what a SEQ_CLS adapter carries).
+        saved = [head] if head is not None and not args.no_train_head else None
         out["peft"] = str(ex.save_peft_adapter(
             target, Path(args.export_peft) / name, base_model_name_or_path=str(model_dir(args)),
             task_type="SEQ_2_SEQ_LM" if arch == "t5-seq2seq" else "SEQ_CLS", use_rslora=rslora,
+            modules_to_save=saved,
         ))
-        if HEADS[arch] is not None:
-            out["peft_note"] = f"the trained '{HEADS[arch]}' head is not part of the PEFT adapter"
+        if head is not None and saved is None:
+            out["peft_note"] = f"--no-train-head: the '{head}' head is not part of the PEFT adapter"
     return out
 

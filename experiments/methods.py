@@ -140,6 +140,10 @@ def with_traced_peak_lr(
 def _method_optimizer(args: argparse.Namespace, method: str) -> Callable[[Any], optax.GradientTransformation]:
     """``lr -> optax optimizer`` of ``method``."""
     wd = args.weight_decay
+    if method == "lora-pro" and args.lora_pro_form == "sgd":
+        if wd:
+            raise SystemExit("--lora-pro-form sgd has no weight decay; pass --weight-decay 0")
+        return functools.partial(lp.lora_pro_sgd, x_mode=args.x_mode)
     if method == "lora-pro":
         return functools.partial(lp.lora_pro_adamw, weight_decay=wd, form=args.lora_pro_form, x_mode=args.x_mode)
     if method == "lora-plus":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -39,6 +40,7 @@ from flax import nnx
 import lorapro_jax as lp
 from lorapro_jax.data import BucketedBatcher, load_tokenizer
 
+from . import alignment
 from .exporting import export_run
 from .methods import (
     MethodState,
@@ -51,8 +53,8 @@ from .methods import (
     setup_method,
     warmup_steps,
 )
-from .modeling import arch_of, fresh_copy, load_base_model, model_dir, model_type_of
-from .steps import device_batch, evaluate, train_step
+from .modeling import arch_of, fresh_copy, load_base_model, lora_targets, model_dir, model_type_of
+from .steps import batch_loss, device_batch, evaluate, train_step
 from .tasks import TaskData, TaskSpec, build_spec, load_task
 
 __all__ = ["Session", "open_session", "run_name", "run_single"]
@@ -148,6 +150,7 @@ class _Run:
     last_eval: dict = dataclasses.field(default_factory=dict)
     last_eval_predictions: dict = dataclasses.field(default_factory=dict)
     last_loss: float | None = None
+    align_paths: Any = None  # --log-alignment-every: the measured kernels (the layers the LoRA methods adapt)
 
     @property
     def args(self) -> argparse.Namespace:
@@ -188,8 +191,11 @@ def _build(s: Session, method: str, seed: int, lr: float | None, name: str, out_
     opt = lp.LoraOptimizer(model, tx, wrt=mstate.wrt)  # keeps LoraPair-valued Adam moments
     run_dir = out_dir / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    return _Run(s, method, seed, name, run_dir, peak, total, steps_per_epoch, batcher, model, mstate, opt,
-                shape, t_start)
+    r = _Run(s, method, seed, name, run_dir, peak, total, steps_per_epoch, batcher, model, mstate, opt, shape, t_start)
+    if args.log_alignment_every:  # full fine-tuning is measured on the layers the LoRA methods adapt
+        matches = lp.LoraConfig(rank=1, targets=lora_targets(args, s.model_type)).matches
+        r.align_paths = alignment.kernel_paths(model, matches)
+    return r
 
 
 def _restore(r: _Run) -> None:
@@ -248,6 +254,23 @@ def _save(r: _Run, epoch: int, batch_index: int) -> None:
         r.last_saved = r.step
 
 
+def _alignment_before(r: _Run, batch: dict) -> tuple[Any, Any] | None:
+    """``--log-alignment-every``: kernels and full gradients before this step (at step 1 and every N steps)."""
+    every = r.args.log_alignment_every
+    if not every or not (r.step == 0 or (r.step + 1) % every == 0):
+        return None
+    loss = functools.partial(batch_loss, spec=r.session.spec)
+    return (alignment.effective_kernels(r.model, r.align_paths),
+            alignment.kernel_grads(r.model, loss, r.align_paths, batch))
+
+
+def _log_alignment(r: _Run, before: tuple[Any, Any], epoch: int) -> None:
+    res = alignment.update_alignment(before[0], alignment.effective_kernels(r.model, r.align_paths), before[1])
+    r.log.write({"type": "alignment", "step": r.step, "epoch": epoch, "cos_overall": res.overall,
+                 "cos_mean": res.mean, "update_norm": res.update_norm, "full_grad_norm": res.grad_norm,
+                 "per_layer": res.per_layer})
+
+
 def _one_step(r: _Run, batch: dict, epoch: int) -> None:
     shape = batch["input_ids"].shape
     key = (r.method, r.total, shape)
@@ -256,7 +279,9 @@ def _one_step(r: _Run, batch: dict, epoch: int) -> None:
     if compiled:
         _say(r, f"compiling the train step for batches of shape {tuple(shape)}...")
     t0 = time.perf_counter()
-    loss, gnorm = train_step(r.model, r.opt, device_batch(batch), r.session.spec)
+    dev_batch = device_batch(batch)
+    measured = _alignment_before(r, dev_batch)
+    loss, gnorm = train_step(r.model, r.opt, dev_batch, r.session.spec)
     loss = float(loss)
     dt = time.perf_counter() - t0
     if not compiled:
@@ -267,6 +292,8 @@ def _one_step(r: _Run, batch: dict, epoch: int) -> None:
     r.step += 1
     r.last_loss = loss
     r.epoch_losses.setdefault(epoch, []).append(loss)
+    if measured is not None:
+        _log_alignment(r, measured, epoch)
     r.log.write({"type": "train", "step": r.step, "epoch": epoch, "loss": loss, "lr": lr,
                  "grad_norm": float(gnorm), "step_time_s": dt, "compiled": compiled})
     for hook in r.mstate.hooks:
