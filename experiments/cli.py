@@ -171,6 +171,11 @@ def _lora_group(p: argparse.ArgumentParser) -> None:
                    help="LoRA-Pro's free r x r matrix X: the Sylvester solution closest to the raw gradients (paper), "
                         "zero, or the symmetric choice")
     g.add_argument("--lora-plus-ratio", type=float, default=16.0, help="LoRA+: lr(B) / lr(A)")
+    g.add_argument("--on-nonfinite", choices=("raise", "skip", "ignore"), default="raise",
+                   help="a step with NaN/inf gradients or updates (every method): raise (stop with one line naming "
+                        "the step and the parameters), skip (keep params and optimizer state, count it) or ignore")
+    g.add_argument("--max-consecutive-skips", type=int, default=10,
+                   help="with --on-nonfinite skip: stop after more than this many non-finite steps in a row")
     g.add_argument("--lora-ga-batches", type=int, default=4, help="LoRA-GA: batches for the gradient estimate")
     g.add_argument("--lora-ga-batch-size", type=int, default=None,
                    help="LoRA-GA: their size (default: --batch-size)")

@@ -28,7 +28,6 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from flax import nnx
 
 from . import report
 from .cli import (
@@ -49,7 +48,7 @@ from .methods import (
     setup_method,
 )
 from .modeling import fresh_copy, load_base_model
-from .runner import Session, open_session, run_single
+from .runner import open_session, run, run_single  # run: defined there, so run.__globals__ is the loop's module
 from .steps import (
     batch_loss,
     eval_step,
@@ -91,20 +90,6 @@ __all__ = [
     "setup_method",
     "train_step",
 ]
-
-
-def run(
-    args: argparse.Namespace,
-    task: TaskData,
-    spec: TaskSpec,
-    base: nnx.Module,
-    model_type: str,
-    method: str,
-    seed: int,
-    tx_cache: dict,
-) -> dict[str, Any]:
-    """Train and evaluate one ``(task, method, seed)`` (the 0.1 signature; see :func:`experiments.runner.run_single`)."""
-    return run_single(Session(args, task, spec, base, model_type, tx_cache=tx_cache), method, seed)
 
 
 def lr_note(args: argparse.Namespace, methods: Sequence[str]) -> str:

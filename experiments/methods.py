@@ -143,9 +143,10 @@ def _method_optimizer(args: argparse.Namespace, method: str) -> Callable[[Any], 
     if method == "lora-pro" and args.lora_pro_form == "sgd":
         if wd:
             raise SystemExit("--lora-pro-form sgd has no weight decay; pass --weight-decay 0")
-        return functools.partial(lp.lora_pro_sgd, x_mode=args.x_mode)
+        return functools.partial(lp.lora_pro_sgd, x_mode=args.x_mode, on_nonfinite="ignore")
     if method == "lora-pro":
-        return functools.partial(lp.lora_pro_adamw, weight_decay=wd, form=args.lora_pro_form, x_mode=args.x_mode)
+        return functools.partial(lp.lora_pro_adamw, weight_decay=wd, form=args.lora_pro_form, x_mode=args.x_mode,
+                                 on_nonfinite="ignore")
     if method == "lora-plus":
         from lorapro_jax.optim.lora_plus import lora_plus_adamw
 
@@ -172,7 +173,8 @@ def make_tx(
         tx = with_traced_peak_lr(build, lr_shape(args.schedule, args.warmup_ratio, total), peak)
     if args.clip_norm and args.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(args.clip_norm), tx)
-    return tx
+    # --on-nonfinite guards the whole chain of every method (the LoRA-Pro aliases' own check is off above)
+    return lp.guard_nonfinite(tx, args.on_nonfinite, max_consecutive_skips=args.max_consecutive_skips, name=method)
 
 
 # ----------------------------------------------------------------------------------------------

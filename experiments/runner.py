@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -110,6 +111,28 @@ class _Jsonl:
 
     def close(self) -> None:
         self.f.close()
+
+
+def _rewind_log(path: Path, step: int) -> int:
+    """Keeps the records of ``path`` up to ``step`` (a crash after the checkpoint logged more, maybe a
+    torn last line); returns how many were dropped. Rewritten atomically."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line) if line.endswith("\n") else None
+            except json.JSONDecodeError:
+                rec = None
+            if rec is None or rec.get("step", 0) > step:
+                dropped += bool(line.strip())
+                continue
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return dropped
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -209,10 +232,13 @@ def _restore(r: _Run) -> None:
         also_save=nnx.Param if r.method == "lora-ga" else None,  # LoRA-GA changed the base weights
     )
     if args.resume and r.ckpt.latest_step() is not None:
-        info = r.ckpt.restore(r.model, r.opt)
+        info = r.ckpt.restore(r.model, r.opt, skip_corrupt=True)
         r.start_epoch, r.start_batch, r.step = info.data_state["epoch"], info.data_state["batch"], info.step
         r.resumed = True
         r.last_saved = r.step
+        dropped = _rewind_log(r.run_dir / "metrics.jsonl", r.step)
+        print(f"{r.name}: resuming from the checkpoint of step {r.step}"
+              + (f"; dropped {dropped} log records written after it" if dropped else ""), file=sys.stderr)
         for rec in _read_jsonl(r.run_dir / "metrics.jsonl"):
             if rec.get("type") == "train":
                 r.epoch_losses.setdefault(rec["epoch"], []).append(rec["loss"])
@@ -281,21 +307,31 @@ def _one_step(r: _Run, batch: dict, epoch: int) -> None:
     t0 = time.perf_counter()
     dev_batch = device_batch(batch)
     measured = _alignment_before(r, dev_batch)
-    loss, gnorm = train_step(r.model, r.opt, dev_batch, r.session.spec)
-    loss = float(loss)
+    try:
+        with lp.unwrap_nonfinite_errors():
+            loss, gnorm = train_step(r.model, r.opt, dev_batch, r.session.spec)
+            loss = float(loss)
+    except lp.NonFiniteError as e:  # one line: the run, the step, the parameter paths
+        raise SystemExit(f"{r.name}: non-finite step {r.step + 1}: {e}") from None
     dt = time.perf_counter() - t0
     if not compiled:
         r.step_times.append(dt)
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"{r.name}: non-finite loss {loss} at step {r.step + 1}")
+    skipped = not math.isfinite(loss)
+    if skipped and r.args.on_nonfinite != "skip":
+        raise SystemExit(f"{r.name}: non-finite loss {loss} at step {r.step + 1}")
     lr = r.lr_at(r.step)
     r.step += 1
-    r.last_loss = loss
-    r.epoch_losses.setdefault(epoch, []).append(loss)
+    if skipped:  # --on-nonfinite skip: params and optimizer state were kept; not a loss to average
+        r.log.write({"type": "event", "step": r.step, "epoch": epoch, "event": "nonfinite_skip",
+                     "skipped_total": int(lp.nonfinite_skips(r.opt))})
+    else:
+        r.last_loss = loss
+        r.epoch_losses.setdefault(epoch, []).append(loss)
     if measured is not None:
         _log_alignment(r, measured, epoch)
-    r.log.write({"type": "train", "step": r.step, "epoch": epoch, "loss": loss, "lr": lr,
-                 "grad_norm": float(gnorm), "step_time_s": dt, "compiled": compiled})
+    if not skipped:
+        r.log.write({"type": "train", "step": r.step, "epoch": epoch, "loss": loss, "lr": lr,
+                     "grad_norm": float(gnorm), "step_time_s": dt, "compiled": compiled})
     for hook in r.mstate.hooks:
         for ev in hook(r.step):
             r.log.write({"type": "event", "step": r.step, "epoch": epoch, **ev})
@@ -357,9 +393,17 @@ def _summary(r: _Run, final: dict[str, float], exports: dict[str, str]) -> dict[
         "last_step_train_loss": r.last_loss,
         "wall_time_s": time.perf_counter() - r.t_start,
         "mean_step_time_s": float(np.mean(r.step_times)) if r.step_times else None,
-        "resumed": r.resumed, "exports": exports, "device": str(jax.devices()[0].platform),
+        "resumed": r.resumed, "nonfinite_skips": int(lp.nonfinite_skips(r.opt)), "exports": exports, "device": str(jax.devices()[0].platform),
         **{k: v for k, v in r.mstate.info.items() if not isinstance(v, dict)},
     }
+
+
+def run(
+    args: argparse.Namespace, task: TaskData, spec: TaskSpec, base: nnx.Module, model_type: str, method: str,
+    seed: int, tx_cache: dict,
+) -> dict[str, Any]:
+    """Train and evaluate one ``(task, method, seed)`` (the 0.1 signature of ``experiments.finetune.run``)."""
+    return run_single(Session(args, task, spec, base, model_type, tx_cache=tx_cache), method, seed)
 
 
 def run_single(
@@ -393,6 +437,8 @@ def run_single(
     if preds:
         np.savez(r.run_dir / "predictions.npz", **preds)
     summary = _summary(r, final, export_run(session.args, r.model, method, name, r.mstate, session.spec.arch))
+    if summary["nonfinite_skips"]:
+        print(f"[{name}] skipped {summary['nonfinite_skips']} non-finite steps (--on-nonfinite skip)", file=sys.stderr)
     tmp = r.run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(r.run_dir / "summary.json")

@@ -140,7 +140,7 @@ def _run_specs(args: argparse.Namespace, specs: Sequence[tuple[str, float, int]]
             s = run_single(session, method, seed, lr, name=name, out_dir=runs_dir)
             val = s["last_eval_metrics"].get(s["primary_metric"])
             print(f"[sweep] {name}: validation {s['primary_metric']} {val:.4f}, {s['wall_time_s']:.1f} s", flush=True)
-        except Exception as e:  # noqa: BLE001 - a diverged lr is a result of the sweep, not its end
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - a diverged lr is a result of the sweep, not its end
             (runs_dir / name).mkdir(parents=True, exist_ok=True)
             (runs_dir / name / "failed.json").write_text(json.dumps(
                 {"method": method, "lr": lr, "seed": seed, "error": f"{type(e).__name__}: {e}",
