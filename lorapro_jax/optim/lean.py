@@ -112,9 +112,10 @@ def _t(x):
 def _lean_group(group: list[PairRecord], count, b1, b2, eps, eps_row, delta, x_mode) -> list[Packed]:
     """Lean form for one group of equal pairs, batched over ``(G, *stack)`` (all of it factor-sized)."""
     p0, mom0 = group[0].p, group[0].states[0]
-    s, dt = p0.scale, mom0.left.dtype
+    sdt = mom0.left.dtype  # storage dtype (mu_dtype); computed in at least float32
+    s, dt = p0.scale, jnp.promote_types(sdt, jnp.float32)
     a2, bm, ga2, gb2 = pair_mats(group, dt)  # (G, *stack, n, r), (G, *stack, r, m)
-    mom = LeanMoments(*(stack([rec.states[0][i] for rec in group]) for i in range(4)))
+    mom = LeanMoments(*(stack([rec.states[0][i] for rec in group]).astype(dt) for i in range(4)))
     am, bp = _t(a2), _t(bm)  # paper layout
     gr = grams(am, bp, delta)  # shared by both applications of the closed form
     ga_hat, gb_hat = closed_form(am, bp, _t(ga2), _t(gb2), s, gr, "zero")
@@ -137,7 +138,8 @@ def _lean_group(group: list[PairRecord], count, b1, b2, eps, eps_row, delta, x_m
     h_b = s * ((_t(a2) @ ld) @ rd)  # (.., r, m)
     ua, ub = closed_form(am, bp, _t(h_a), _t(h_b), s, gr, x_mode)
     return [
-        Packed(pair_update(rec.u, _t(ua[j]), _t(ub[j])), LeanMoments(left[j], right[j], row[j], col[j]))
+        Packed(pair_update(rec.u, _t(ua[j]), _t(ub[j])),
+               LeanMoments(*(x[j].astype(sdt) for x in (left, right, row, col))))
         for j, rec in enumerate(group)
     ]
 
@@ -151,6 +153,7 @@ def scale_by_lora_pro_lean(
     delta: float = 1e-8,
     x_mode: XMode = "sylvester",
     eps_row: float = 1e-30,
+    mu_dtype: Any = None,
     check_finite_grads: bool | None = None,
     on_nonfinite: NonfiniteMode = "raise",
     max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
@@ -162,6 +165,8 @@ def scale_by_lora_pro_lean(
       rank: rank ``k`` of the first-moment factorisation; default ``2 r`` of each pair.
       delta, x_mode: see :func:`lorapro_jax.lora_pro_gradients`.
       eps_row: added to the row/column sums before the division (Adafactor's ``ε₁``).
+      mu_dtype: storage dtype of all moments (factors and sums; computed in at least float32); default:
+        the parameter dtype promoted to at least float32 for pairs, the leaf dtype for other leaves.
       check_finite_grads, on_nonfinite, max_consecutive_skips: see :func:`lorapro_jax.scale_by_lora_pro`.
 
     Returns:
@@ -170,12 +175,13 @@ def scale_by_lora_pro_lean(
     """
     check_x_mode(x_mode)
     mode = resolve_on_nonfinite(on_nonfinite, check_finite_grads, "scale_by_lora_pro_lean")
+    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
         def on_pair(path, p):
             n, m = math.prod(p.in_shape), math.prod(p.out_shape)
             k = int(min(rank if rank is not None else 2 * p.rank, n, m))
-            dt = jnp.promote_types(jnp.result_type(p.a), jnp.float32)
+            dt = mu_dtype or jnp.promote_types(jnp.result_type(p.a), jnp.float32)
             st = p.stack_shape
             zeros = lambda *shape: jnp.zeros(st + shape, dt)
             return LeanMoments(zeros(n, k), zeros(k, m), zeros(n), zeros(m))
@@ -183,7 +189,7 @@ def scale_by_lora_pro_lean(
         def on_leaf(path, x):
             if not hasattr(x, "shape"):
                 return x
-            return (jnp.zeros_like(x), jnp.zeros_like(x))
+            return (jnp.zeros_like(x, dtype=mu_dtype or x.dtype), jnp.zeros_like(x, dtype=mu_dtype or x.dtype))
 
         return ScaleByLoraProLeanState(jnp.zeros([], jnp.int32), map_pairs(on_pair, on_leaf, params))
 

@@ -397,7 +397,7 @@ def lora_pro_adamw(
         )
     else:
         direction = scale_by_lora_pro_lean(
-            b1, b2, eps, delta=delta, x_mode=x_mode, rank=lean_rank, on_nonfinite="ignore"
+            b1, b2, eps, delta=delta, x_mode=x_mode, rank=lean_rank, mu_dtype=mu_dtype, on_nonfinite="ignore"
         )
     tx = optax.chain(
         direction,
