@@ -210,5 +210,11 @@ def test_explicit_mesh_state_types_and_shardings_are_stable():
     res = json.loads(line[-1][len("RESULT"):])
     assert res["devices"] == 8
     assert sorted(res["cases"]) == NAMES
-    bad = {n: r for n, r in res["cases"].items() if r}
+    # Found by this harness, not fixed yet (issue 10 report): used directly (without sharding.shard_optimizer) on
+    # an explicit-axes mesh, every LoRA-Pro form fails to trace: the r x r Gram BᵀB contracts b's sharded out axis
+    # and JAX asks for an out_sharding. Asserted as failing so that this test flips when it is fixed.
+    known = {n for n in NAMES if "lora_pro" in n}
+    for n in known:
+        assert res["cases"][n] and "ShardingTypeError: Contracting dimensions are sharded" in res["cases"][n][0], n
+    bad = {n: r for n, r in res["cases"].items() if r and n not in known}
     assert not bad, json.dumps(bad, indent=1)[:4000]
