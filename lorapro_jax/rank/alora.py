@@ -28,9 +28,13 @@ The scale stays ``alpha / r_init`` (the baseline LoRA's) for the whole run: it i
 
 Gated-off slots never reach the output, but optimizers can move their raw factors (LoRA-Pro's ``X A``
 term mixes rank rows; Adam momentum keeps moving); call
-:func:`~lorapro_jax.rank.masks.zero_masked_factors` after each update to keep them at zero. Optimizer
-moments of a re-enabled slot are not reset (with LoRA-Pro's full form they are full-size moments of the
-equivalent gradient, not per slot).
+:func:`~lorapro_jax.rank.masks.zero_masked_factors` after each update to keep them at zero. Pass ``optimizer=`` to :func:`alora_reallocate` / :func:`alora_step`
+to zero the Adam moments of pruned and re-enabled slots (:func:`reset_slot_moments`): a re-enabled slot
+otherwise starts with the moments of the slot it replaces (LoRA-Pro's full-form moments are full-size
+moments of the equivalent gradient, not per slot, and are left as they are).
+
+Stacked layers (scan-over-layers models, gate ``(*stack, r)``): every slice is its own module for ALoRA
+(importance, pruning and re-enabling per slice); slots are ``(path, (*index, i))``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,11 +53,12 @@ from jaxtyping import Array, Float
 from ..errors import check_config, check_module
 from ..lora.config import LoraConfig
 from ..lora.nnx_lora import apply_lora
-from ..lora.pairing import LoraPair
+from ..lora.pairing import LoraPair, is_lora_pair
 from .masks import (
     _layers,
     _slot_mask_like,
     _slot_offsets,
+    _units,
     flat_gates,
     is_update_step,
     rank_slots,
@@ -71,6 +76,7 @@ __all__ = [
     "AloraStepInfo",
     "alora_step",
     "alora_schedule",
+    "reset_slot_moments",
 ]
 
 ScoreFn = Callable[[nnx.Module, Any], Array]
@@ -180,7 +186,9 @@ def ablation_importance(
     flat = jnp.zeros(gates.shape, jnp.float32).at[idx].set(scores[0] - scores[1:])
     layers = _layers(model)
     offsets = _slot_offsets(layers)
-    per_layer = {p: flat[lo:hi] for p, lo, hi in zip(layers, offsets[:-1], offsets[1:])}
+    per_layer = {
+        p: flat[lo:hi].reshape(layer.gate[...].shape) for (p, layer), lo, hi in zip(layers.items(), offsets[:-1], offsets[1:])
+    }
     return AblationImportance(scores[0], flat, active, per_layer)
 
 
@@ -192,18 +200,20 @@ class Reallocation(NamedTuple):
     grown: list[tuple[str, int]]
 
 
-@functools.partial(jax.jit, static_argnames=("init", "rank"))
-def _reallocate_layer(key, a, b, a_mask, on, new, *, init: str, rank: int):
+@functools.partial(jax.jit, static_argnames=("init", "rank", "n"))
+def _reallocate_layer(key, a, b, a_mask, on, new, *, init: str, rank: int, n: int):
     """One layer's writes: slots ``on`` active, of which ``new`` re-enabled with fresh ``a`` and ``b = 0``;
-    inactive slots zeroed. Flax layout ``a: (*in, r)``, ``b: (r, *out)``; ``on, new: (r,)`` bool."""
-    n = math.prod(a.shape[:-1])
+    inactive slots zeroed. Flax layout ``a: (*stack, *in, r)``, ``b: (*stack, r, *out)``; ``on, new:
+    (*stack, r)`` bool; ``n = prod(in)``."""
+    on_b = _slot_mask_like(b, on & ~new, axis_last=False)
+    on, new = _slot_mask_like(a, on, axis_last=True), _slot_mask_like(a, new, axis_last=True)
     if init == "kaiming":
         bound = 1.0 / math.sqrt(n)
         a0 = jax.random.uniform(key, a.shape, a.dtype, -bound, bound)
     else:
         a0 = jax.random.normal(key, a.shape, a.dtype) / rank
     a = jnp.where(new, a0, jnp.where(on, a, 0)).astype(a.dtype)
-    b = jnp.where(_slot_mask_like(b, on & ~new, axis_last=False), b, 0).astype(b.dtype)
+    b = jnp.where(on_b, b, 0).astype(b.dtype)
     if a_mask is not None:
         a_mask = jnp.where(new, 1, jnp.where(on, a_mask, 0)).astype(a_mask.dtype)
     return a, b, a_mask
@@ -219,6 +229,7 @@ def alora_reallocate(
     min_rank: int = 0,
     init: str = "kaiming",
     init_rank: int | None = None,
+    optimizer: Any = None,
 ) -> Reallocation:
     """Prunes low-importance rank slots and re-enables masked slots elsewhere, at a fixed total budget.
 
@@ -245,6 +256,8 @@ def alora_reallocate(
       min_rank: minimum number of active slots a module keeps.
       init: ``"kaiming"`` (``U(−1/sqrt(n), 1/sqrt(n))``, the default of ``LoraConfig``) or ``"gaussian"``.
       init_rank: the rank dividing the gaussian init (default: the module's ``r_max``, as apply_lora drew it).
+      optimizer: the ``nnx.Optimizer`` (or optax state) training the model: the moments of every pruned and
+        re-enabled slot are zeroed (:func:`reset_slot_moments`), so a re-enabled slot starts fresh.
 
     Returns:
       A :class:`Reallocation` with the pruned and the re-enabled ``(path, slot)`` pairs.
@@ -270,11 +283,11 @@ def alora_reallocate(
         raise ValueError(f"alora_reallocate: n_prune must be >= 0, got {n_prune}.")
     n_prune = max(n_prune, n_active - target)
 
-    paths = list(layers)
-    module_of = np.array([paths.index(p) for p, _ in slots])
+    paths = _units(layers)  # ALoRA's "modules": one per layer, one per slice of a stacked layer
+    module_of = np.repeat(np.arange(len(paths)), [layers[p].gate[...].shape[-1] for p, _ in paths])
     count = np.bincount(module_of[active], minlength=len(paths))
     if np.any(np.isnan(imp[active])):
-        bad = sorted({slots[k][0] for k in np.flatnonzero(active & np.isnan(imp))})
+        bad = sorted({str(slots[k][0]) for k in np.flatnonzero(active & np.isnan(imp))})
         raise ValueError(f"alora_reallocate: importance is NaN for active slots of {bad}.")
 
     # 1. prune, lowest importance first (ties: slot order)
@@ -323,20 +336,83 @@ def alora_reallocate(
     offsets = _slot_offsets(layers)
     for li, layer in enumerate(layers.values()):
         lo, hi = offsets[li], offsets[li + 1]
-        on, new = new_active[lo:hi], fresh[lo:hi]
-        if not (new.any() or (on != active[lo:hi]).any()):
+        shape = layer.gate[...].shape
+        on, new = new_active[lo:hi].reshape(shape), fresh[lo:hi].reshape(shape)
+        if not (new.any() or (on != active[lo:hi].reshape(shape)).any()):
             continue
         pair = layer.pair
         mask = None if layer.a_mask is None else layer.a_mask[...]
         a, b, mask = _reallocate_layer(
             jax.random.fold_in(key, li), pair.a, pair.b, mask, jnp.asarray(on), jnp.asarray(new),
-            init=init, rank=init_rank or int(hi - lo),
+            init=init, rank=init_rank or int(shape[-1]), n=math.prod(pair.in_shape),
         )
-        layer.lora.set_value(LoraPair(a, b, pair.scale))
+        layer.lora.set_value(pair.replace(a=a, b=b))
         layer.gate[...] = jnp.asarray(on).astype(layer.gate[...].dtype)
         if mask is not None:
             layer.a_mask[...] = mask
-    return Reallocation([slots[k] for k in pruned], [slots[k] for k in grown])
+    result = Reallocation([slots[k] for k in pruned], [slots[k] for k in grown])
+    if optimizer is not None:
+        reset_slot_moments(optimizer, model, result.pruned + result.grown)
+    return result
+
+
+def reset_slot_moments(optimizer_or_state: Any, model: nnx.Module, slots: Sequence[tuple[str, Any]]) -> Any:
+    """Zeroes the optimizer moments of the given rank slots (column ``a[..., i]`` and row ``b[i]``).
+
+    A slot re-enabled by :func:`alora_reallocate` replaces a pruned one (or a long-masked one); without a
+    reset it starts with the Adam moments the old slot left (``mu``, ``nu``), i.e. with momentum pointing
+    where the old factors were going. Every :class:`LoraPair` node of the optimizer state that mirrors a
+    LoRA parameter (Adam-style ``mu`` / ``nu``, LoRA-Pro efficient-form low-rank moments: same path suffix
+    ``<layer>.lora`` and the parameter's shapes) gets the slots zeroed; anything else (step counts,
+    LoRA-Pro full-form ``m x n`` moments, which are not per slot) is left as it is.
+
+    Args:
+      optimizer_or_state: an ``nnx.Optimizer`` (its ``opt_state`` is updated in place) or an optax state
+        pytree over ``nnx.state(model, LoRAParam)`` (a new state is returned).
+      model: the LoRA model the state belongs to.
+      slots: ``[(path, slot), ...]`` as in :func:`~lorapro_jax.rank.masks.rank_slots` (e.g.
+        ``Reallocation.grown``).
+
+    Returns:
+      The new optimizer state.
+    """
+    layers = _layers(model)
+    keep: dict[str, np.ndarray] = {}
+    for path, slot in slots:
+        if path not in layers:
+            raise ValueError(f"reset_slot_moments: {path!r} is not a LoRA layer. LoRA layers: {list(layers)}")
+        k = keep.setdefault(path, np.ones(layers[path].gate[...].shape, bool))
+        k[slot] = False
+    if not keep:
+        return getattr(optimizer_or_state, "opt_state", optimizer_or_state)
+
+    def owner(keypath) -> str | None:
+        p = ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
+        hits = [lp for lp in keep if p == f"{lp}.lora" or p.endswith(f".{lp}.lora")]
+        return max(hits, key=len) if hits else None
+
+    def reset(pair: LoraPair, path: str) -> LoraPair:
+        param = layers[path].pair
+        if tuple(pair.a.shape) != tuple(param.a.shape) or tuple(pair.b.shape) != tuple(param.b.shape):
+            return pair
+        on = jnp.asarray(keep[path])
+        a = pair.a * _slot_mask_like(pair.a, on, axis_last=True).astype(pair.a.dtype)
+        b = pair.b * _slot_mask_like(pair.b, on, axis_last=False).astype(pair.b.dtype)
+        return pair.replace(a=a, b=b)
+
+    def visit(keypath, node):
+        path = owner(keypath)
+        value = node.get_value() if isinstance(node, nnx.Variable) else node
+        if path is None or not is_lora_pair(value):
+            return node
+        if isinstance(node, nnx.Variable):
+            node.set_value(reset(value, path))
+            return node
+        return reset(value, path)
+
+    is_leaf = lambda x: isinstance(x, nnx.Variable) or is_lora_pair(x)
+    state = getattr(optimizer_or_state, "opt_state", optimizer_or_state)
+    return jax.tree_util.tree_map_with_path(visit, state, is_leaf=is_leaf)
 
 
 class AloraStepInfo(NamedTuple):
@@ -359,13 +435,16 @@ def alora_step(
     init: str = "kaiming",
     batch_size: int | None = None,
     eval_mode: bool = True,
+    optimizer: Any = None,
 ) -> AloraStepInfo:
     """One ALoRA allocation step: AB-LoRA importances on ``val_batch``, then :func:`alora_reallocate`.
 
     Returns an :class:`AloraStepInfo` (importances, pruned / re-enabled slots, the budget after the step).
     """
     imp = ablation_importance(model, score_fn, val_batch, batch_size=batch_size, eval_mode=eval_mode)
-    realloc = alora_reallocate(model, imp, n_prune=n_prune, key=key, budget=budget, min_rank=min_rank, init=init)
+    realloc = alora_reallocate(
+        model, imp, n_prune=n_prune, key=key, budget=budget, min_rank=min_rank, init=init, optimizer=optimizer
+    )
     return AloraStepInfo(imp, realloc, int(jnp.sum(flat_gates(model) != 0)))
 
 

@@ -20,7 +20,7 @@ Parameter-Efficient Fine-Tuning", ICLR 2023, arXiv 2303.10512).
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,6 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ..lora.config import LoraConfig
 from ..lora.nnx_lora import LoRALayer, lora_layers
-from ..lora.pairing import LoraPair
 
 __all__ = [
     "rank_gates",
@@ -68,10 +67,12 @@ def _check_keys(given: Mapping[str, object], layers: Mapping[str, LoRALayer], wh
 
 
 def _slot_mask_like(x: Array, on: Array, axis_last: bool) -> Array:
-    """Broadcasts a per-slot ``(r,)`` vector ``on`` against ``a`` (slot axis last) or ``b`` (slot axis first)."""
+    """Broadcasts per-slot ``on`` ``(*stack, r)`` against ``a`` ``(*stack, *in, r)`` (slot axis last) or ``b``
+    ``(*stack, r, *out)`` (slot axis after the stack axes); ``stack`` is ``()`` for an unstacked layer."""
+    pad = (1,) * (x.ndim - on.ndim)
     if axis_last:
-        return on.reshape((1,) * (x.ndim - 1) + (-1,))
-    return on.reshape((-1,) + (1,) * (x.ndim - 1))
+        return on.reshape(on.shape[:-1] + pad + on.shape[-1:])
+    return on.reshape(on.shape + pad)
 
 
 # -- reading and writing gates / masks --------------------------------------------------------------------
@@ -120,17 +121,33 @@ def set_a_masks(model: nnx.Module, masks: Mapping[str, ArrayLike]) -> None:
 # -- the flat view: one vector of all rank slots -----------------------------------------------------------
 def _slot_offsets(layers: Mapping[str, LoRALayer]) -> np.ndarray:
     """``[0, r_0, r_0 + r_1, ...]``: where each layer's slots start in the flat order (length ``L + 1``)."""
-    return np.cumsum([0] + [layer.gate.shape[0] for layer in layers.values()])
+    return np.cumsum([0] + [layer.gate[...].size for layer in layers.values()])
 
 
-def rank_slots(model: nnx.Module) -> list[tuple[str, int]]:
-    """``[(path, i), ...]``: the rank slots of all LoRA layers in module order (the order of :func:`flat_gates`)."""
-    return [(p, i) for p, layer in _layers(model).items() for i in range(layer.gate.shape[0])]
+def rank_slots(model: nnx.Module) -> list[tuple[str, Any]]:
+    """``[(path, i), ...]``: the rank slots of all LoRA layers in module order (the order of :func:`flat_gates`).
+
+    A stacked layer (gate ``(*stack, r)``) contributes ``(path, (*index, i))`` for each slice, row-major.
+    """
+    out = []
+    for p, layer in _layers(model).items():
+        shape = tuple(layer.gate[...].shape)
+        if len(shape) == 1:
+            out.extend((p, i) for i in range(shape[0]))
+        else:
+            out.extend((p, idx) for idx in np.ndindex(*shape))
+    return out
+
+
+def _units(model_or_layers: Any) -> list[tuple[str, tuple]]:
+    """``[(path, stack index), ...]``: the independent adapters (one per slice of a stacked layer), in flat order."""
+    layers = model_or_layers if isinstance(model_or_layers, Mapping) else _layers(model_or_layers)
+    return [(p, idx) for p, layer in layers.items() for idx in np.ndindex(*layer.gate[...].shape[:-1])]
 
 
 def flat_gates(model: nnx.Module) -> Float[Array, "K"]:
-    """All gates concatenated in :func:`rank_slots` order: shape ``(K,)``, ``K = sum of r_max``."""
-    return jnp.concatenate([layer.gate[...] for layer in _layers(model).values()])
+    """All gates concatenated in :func:`rank_slots` order: shape ``(K,)``, ``K = sum of r_max`` (over slices)."""
+    return jnp.concatenate([layer.gate[...].reshape(-1) for layer in _layers(model).values()])
 
 
 def set_flat_gates(model: nnx.Module, gates: Float[Array, "K"]) -> None:
@@ -140,12 +157,13 @@ def set_flat_gates(model: nnx.Module, gates: Float[Array, "K"]) -> None:
     if tuple(gates.shape) != (offsets[-1],):
         raise ValueError(f"set_flat_gates: expected shape ({offsets[-1]},) (all rank slots), got {tuple(gates.shape)}.")
     for layer, lo, hi in zip(layers.values(), offsets[:-1], offsets[1:]):
-        layer.gate[...] = gates[lo:hi].astype(layer.gate[...].dtype)
+        layer.gate[...] = gates[lo:hi].reshape(layer.gate[...].shape).astype(layer.gate[...].dtype)
 
 
 # -- budgets ------------------------------------------------------------------------------------------------
 def active_ranks(model: nnx.Module) -> dict[str, int]:
-    """``{path: number of rank slots with a non-zero gate}`` (host integers; call eagerly)."""
+    """``{path: number of rank slots with a non-zero gate}`` (summed over the slices of a stacked layer;
+    host integers; call eagerly)."""
     return {p: int(jnp.sum(layer.gate[...] != 0)) for p, layer in _layers(model).items()}
 
 
@@ -184,7 +202,7 @@ def zero_masked_factors(model: nnx.Module) -> None:
         p = layer.pair
         mask = None if layer.a_mask is None else layer.a_mask[...]
         a, b, _ = _mask_factors(p.a, p.b, mask, layer.gate[...] != 0, mask_slots=False)
-        layer.lora.set_value(LoraPair(a, b, p.scale))
+        layer.lora.set_value(p.replace(a=a, b=b))
 
 
 def set_active_ranks(
@@ -209,13 +227,13 @@ def set_active_ranks(
         ranks = {p: int(ranks) for p in layers}
     _check_keys(ranks, layers, "set_active_ranks", complete=True)
     for p, layer in layers.items():
-        r, r_max = int(ranks[p]), layer.gate.shape[0]
+        r, r_max = int(ranks[p]), layer.gate[...].shape[-1]
         if not 0 <= r <= r_max:
             raise ValueError(
                 f"set_active_ranks: rank {r} for {p!r} is outside [0, {r_max}] (the layer was allocated at rank "
                 f"{r_max}; allocate with a larger LoraConfig.rank)."
             )
-        on = jnp.arange(r_max) < r
+        on = jnp.broadcast_to(jnp.arange(r_max) < r, layer.gate[...].shape)  # every slice of a stacked layer
         layer.gate[...] = on.astype(layer.gate[...].dtype)
         p = layer.pair
         mask = None if layer.a_mask is None else layer.a_mask[...]
@@ -223,7 +241,7 @@ def set_active_ranks(
         if mask is not None:
             layer.a_mask[...] = mask
         scale = config.scale_for(r) if config is not None and r > 0 else p.scale
-        layer.lora.set_value(LoraPair(a, b, scale))
+        layer.lora.set_value(p.replace(a=a, b=b, scale=scale))
 
 
 # -- schedules ----------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ Pruning is monotone: an entry pruned once stays pruned (``a_mask`` only ever los
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Sequence
 
@@ -49,7 +50,6 @@ from jaxtyping import Array, Bool, Float
 from ..errors import check_config, check_module
 from ..lora.config import LoraConfig
 from ..lora.nnx_lora import LoRALayer, adaptable_paths, apply_lora, lora_layers
-from ..lora.pairing import LoraPair
 from .masks import cubic_schedule, is_update_step, set_active_ranks
 
 __all__ = [
@@ -227,7 +227,7 @@ def apply_prilora(
         if config.init == "gaussian":  # apply_lora drew N(0, 1) / R; a true rank-r layer has N(0, 1) / r
             for p, layer in lora_layers(model).items():
                 pair = layer.pair
-                layer.lora.set_value(LoraPair(pair.a * (new.rank / ranks[p]), pair.b, pair.scale))
+                layer.lora.set_value(pair.replace(a=pair.a * (new.rank / ranks[p])))
     return ranks
 
 
@@ -260,20 +260,23 @@ def prilora_importance(layer: LoRALayer) -> Float[Array, "*in r"]:
 def _keep_top_per_row(
     scores: Float[Array, "n r"], mask: Bool[Array, "n r"], keep: Array
 ) -> Bool[Array, "n r"]:
-    """Per column (= row of the paper's A): keeps the ``keep`` highest scores among entries still on."""
-    n = scores.shape[0]
+    """Per column (= row of the paper's A): keeps the ``keep`` highest scores among entries still on.
+
+    ``scores, mask``: ``(*stack, n, r)`` (one independent layer per stack index)."""
+    n = scores.shape[-2]
     s = jnp.where(mask, scores, -jnp.inf)  # entries already pruned sort first and stay off
-    order = jnp.argsort(s, axis=0, stable=True)  # ascending; ties by feature index
-    position = jnp.argsort(order, axis=0, stable=True)  # position of each entry in that order
+    order = jnp.argsort(s, axis=-2, stable=True)  # ascending; ties by feature index
+    position = jnp.argsort(order, axis=-2, stable=True)  # position of each entry in that order
     return (position >= n - keep) & mask
 
 
-@jax.jit
-def _prune_layer(a: Array, a_mask: Array, norm: Array, keep: Array) -> tuple[Array, Array]:
-    """One layer's pruning step on arrays (Flax layout ``a, a_mask: (*in, r)``, ``norm: (*in,)``)."""
-    r = a.shape[-1]
-    scores = _importance(a, a_mask, norm).reshape(-1, r)
-    on = _keep_top_per_row(scores, a_mask.reshape(-1, r) != 0, keep).reshape(a.shape)
+@functools.partial(jax.jit, static_argnames=("stack_ndim",))
+def _prune_layer(a: Array, a_mask: Array, norm: Array, keep: Array, stack_ndim: int = 0) -> tuple[Array, Array]:
+    """One layer's pruning step on arrays (Flax layout ``a, a_mask: (*stack, *in, r)``, ``norm: (*stack, *in)``),
+    slice by slice over the ``stack_ndim`` leading stack axes."""
+    r, stack = a.shape[-1], a.shape[:stack_ndim]
+    scores = _importance(a, a_mask, norm).reshape(stack + (-1, r))
+    on = _keep_top_per_row(scores, a_mask.reshape(stack + (-1, r)) != 0, keep).reshape(a.shape)
     return a * on.astype(a.dtype), on.astype(a_mask.dtype)
 
 
@@ -313,9 +316,9 @@ def prilora_prune(model: nnx.Module, *, fraction=None, keep=None) -> None:
             k = n - jnp.round(jnp.asarray(fraction, jnp.float32) * n).astype(jnp.int32)
         else:
             k = jnp.minimum(jnp.asarray(keep, jnp.int32), n)
-        a, mask = _prune_layer(pair.a, layer.a_mask[...], norm, k)
+        a, mask = _prune_layer(pair.a, layer.a_mask[...], norm, k, stack_ndim=pair.stack_ndim)
         layer.a_mask[...] = mask
-        layer.lora.set_value(LoraPair(a, pair.b, pair.scale))
+        layer.lora.set_value(pair.replace(a=a))
 
 
 def prilora_pruning_schedule(
