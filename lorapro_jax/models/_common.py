@@ -100,8 +100,9 @@ class RMSNorm(nnx.Module):
     """Root-mean-square layer norm without bias or mean subtraction (T5 / Llama style).
 
     Mirrors ``T5LayerNorm`` and ``LlamaRMSNorm``: the parameter is called ``weight`` so its dotted
-    path equals the Hugging Face name. The statistics are computed in float32 and the result is
-    cast to the computation ``dtype`` before the scale is applied.
+    path equals the Hugging Face name. The statistics are computed in float32 (float64 for float64
+    inputs: see :func:`stats_dtype`) and the result is cast to the computation ``dtype`` before the
+    scale is applied.
 
     Args:
         hidden_size: size of the normalised (last) axis.
@@ -124,10 +125,19 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: Float[Array, "*batch hidden"]) -> Float[Array, "*batch hidden"]:
         out_dtype = self.dtype or x.dtype
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(stats_dtype(x.dtype))
         variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         normed = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(out_dtype)
         return self.weight[...].astype(out_dtype) * normed
+
+
+def stats_dtype(dtype: Any) -> Any:
+    """The dtype for numerically sensitive statistics (norms, attention scores, softmax).
+
+    At least float32, as Hugging Face computes them for half-precision models; float64 inputs keep
+    float64, so a float64 model is float64 throughout (tests compare in float64 at ~1e-12).
+    """
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def attention(
@@ -145,8 +155,9 @@ def attention(
 
     Supports grouped-query attention: ``heads`` must be a multiple of ``kv_heads`` and query head
     ``h`` attends with key/value head ``h // (heads // kv_heads)`` (HF ``repeat_kv`` order).
-    Scores and softmax are computed in float32; masked positions get ``finfo(float32).min`` so a
-    fully masked row yields a uniform (finite) distribution instead of NaN.
+    Scores and softmax are computed in float32 (float64 for float64 queries, :func:`stats_dtype`);
+    masked positions get that dtype's ``finfo.min`` so a fully masked row yields a uniform (finite)
+    distribution instead of NaN.
 
     Args:
         query: ``(batch, q_len, heads, head_dim)``.
@@ -170,13 +181,14 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     q = query.reshape(b, q_len, kv_heads, groups, head_dim)
-    scores = jnp.einsum("bqkgd,btkd->bkgqt", q, key, preferred_element_type=jnp.float32)
-    scores = scores.astype(jnp.float32) * scale
+    acc = stats_dtype(query.dtype)
+    scores = jnp.einsum("bqkgd,btkd->bkgqt", q, key, preferred_element_type=acc)
+    scores = scores.astype(acc) * scale
     scores = scores.reshape(b, n_heads, q_len, key.shape[1])
     if bias is not None:
-        scores = scores + bias.astype(jnp.float32)
+        scores = scores + bias.astype(acc)
     if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask, scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
     if dropout is not None:
         probs = dropout(probs, deterministic=deterministic)

@@ -42,6 +42,7 @@ from ._common import (
     last_token_pooling,
     make_dropout,
     padding_mask,
+    stats_dtype,
 )
 from .base import HFModule
 
@@ -255,9 +256,11 @@ class LlamaModel(HFModule):
         return nnx.scan(call, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.layers, h)
 
     def rotary(self, position_ids: Int[Array, "batch seq"], dtype) -> tuple[Array, Array]:
-        """``cos, sin`` of shape ``(batch, seq, head_dim)`` (float32 math, cast to ``dtype``)."""
-        inv = jnp.asarray(self.inv_freq, dtype=jnp.float32)
-        freqs = position_ids.astype(jnp.float32)[..., None] * inv
+        """``cos, sin`` of shape ``(batch, seq, head_dim)`` (float32 math, float64 for a float64
+        ``dtype``; cast to ``dtype``)."""
+        acc = stats_dtype(dtype)
+        inv = jnp.asarray(self.inv_freq, dtype=acc)
+        freqs = position_ids.astype(acc)[..., None] * inv
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
