@@ -185,20 +185,30 @@ def run(args: argparse.Namespace) -> dict:
         report["example_shardings"][sh.path_str(kp)] = {"a": str(pair.a.sharding.spec), "b": str(pair.b.sharding.spec)}
     if args.check:
         ref_model, *_ = build_model(args.arch, args.rank, args.seed)
-        g, lora, frozen = nnx.split(ref_model, lp.LoRAParam, ...)
-        lora, frozen = nnx.as_pure(lora), nnx.as_pure(frozen)
-        opt = tx.init(lora)
-
-        @jax.jit
-        def ref_step(lora, opt, batch):
-            grads = jax.grad(lambda p: classification_loss(nnx.merge(g, p, frozen), batch))(lora)
-            upd, opt = tx.update(grads, opt, lora)
-            return optax.apply_updates(lora, upd), opt
-
-        for b in batches:
-            lora, opt = ref_step(lora, opt, b)
+        lora, _ = train_single_device(ref_model, classification_loss, tx, batches)
         report["max_rel_diff_vs_single_device"] = max(jax.tree.leaves(jax.tree.map(_relerr, state.lora, lora)))
     return report
+
+
+def train_single_device(model: nnx.Module, loss_fn, tx: optax.GradientTransformation, batches) -> tuple[Any, Any]:
+    """The unsharded reference: one jitted step per batch on the LoRA params of ``model``.
+
+    Returns the final ``(lora, opt_state)`` as pure pytrees (``LoraPair`` leaves), for comparison with a
+    sharded or otherwise transformed run of the same steps. ``loss_fn(model, batch)`` is a scalar.
+    """
+    g, lora, frozen = nnx.split(model, lp.LoRAParam, ...)
+    lora, frozen = nnx.as_pure(lora), nnx.as_pure(frozen)
+    opt = tx.init(lora)
+
+    @jax.jit
+    def step(lora, opt, batch):
+        grads = jax.grad(lambda p: loss_fn(nnx.merge(g, p, frozen), batch))(lora)
+        upd, opt = tx.update(grads, opt, lora)
+        return optax.apply_updates(lora, upd), opt
+
+    for b in batches:
+        lora, opt = step(lora, opt, b)
+    return lora, opt
 
 
 def main(argv: list[str] | None = None) -> dict:

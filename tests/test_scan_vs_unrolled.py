@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 import lorapro_jax as lp
+from experiments.sharded_train import train_single_device
 from lorapro_jax.models import DEFAULT_LORA_TARGETS, LlamaForCausalLM, load_pretrained
 
 sys.path.insert(0, str(Path(__file__).parent / "models"))
@@ -66,18 +67,7 @@ def _loss(model, ids):
 
 
 def _train(model, tx, batches):
-    graphdef, lora, rest = nnx.split(model, lp.LoRAParam, ...)
-    lora, rest = nnx.as_pure(lora), nnx.as_pure(rest)
-    opt = tx.init(lora)
-
-    @jax.jit
-    def step(lora, opt, ids):
-        grads = jax.grad(lambda p: _loss(nnx.merge(graphdef, p, rest), ids))(lora)
-        upd, opt = tx.update(grads, opt, lora)
-        return optax.apply_updates(lora, upd), opt
-
-    for ids in batches:
-        lora, opt = step(lora, opt, ids)
+    lora, _ = train_single_device(model, _loss, tx, batches)
     return _flat_pairs(lora)
 
 

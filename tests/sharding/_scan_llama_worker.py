@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "models"))
 
 import lorapro_jax as lp  # noqa: E402
 from _mesh_worker import collectives, full_spec, relerr  # noqa: E402
+from experiments.sharded_train import train_single_device  # noqa: E402
 from hf_tiny import tiny_llama_config  # noqa: E402
 from lorapro_jax import sharding as sh  # noqa: E402
 from lorapro_jax.models import DEFAULT_LORA_TARGETS, LlamaForCausalLM  # noqa: E402
@@ -63,19 +64,7 @@ def batches(vocab):
 
 
 def single_device(tx, data, dtype):
-    g, lora, frozen = nnx.split(model(dtype), lp.LoRAParam, ...)
-    lora, frozen = nnx.as_pure(lora), nnx.as_pure(frozen)
-    opt = tx.init(lora)
-
-    @jax.jit
-    def step(lora, opt, batch):
-        grads = jax.grad(lambda p: loss_fn(nnx.merge(g, p, frozen), batch))(lora)
-        upd, opt = tx.update(grads, opt, lora)
-        return optax.apply_updates(lora, upd), opt
-
-    for b in data:
-        lora, opt = step(lora, opt, b)
-    return lora, opt
+    return train_single_device(model(dtype), loss_fn, tx, data)
 
 
 def sharded(tx, data, dtype):
