@@ -18,14 +18,36 @@ __all__ = [
     "DEFAULT_LR",
     "DEFAULT_METHODS",
     "METHODS",
+    "METHOD_VARIANTS",
     "add_run_arguments",
     "build_parser",
     "finish_args",
     "parse_args",
+    "resolve_method",
 ]
 
-METHODS: tuple[str, ...] = ("lora", "lora-pro", "lora-ga", "lora-plus", "prilora", "alora", "full")
+METHOD_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "rslora": ("lora", {"rslora": True}),
+    "lora-pro-sgd": ("lora-pro", {"lora_pro_form": "sgd"}),
+    "lora-pro-efficient": ("lora-pro", {"lora_pro_form": "efficient"}),
+    "lora-pro-lean": ("lora-pro", {"lora_pro_form": "lean"}),
+}
+"""Named settings of a base method, so that one ``--method`` list (one sweep) compares them: ``name -> (base
+method, option values that override the command line's for that method's runs)``. ``lora-pro`` itself uses
+``--lora-pro-form`` (default ``full``) and ``lora`` uses ``--rslora``."""
+
+METHODS: tuple[str, ...] = ("lora", "rslora", "lora-pro", "lora-pro-sgd", "lora-pro-efficient", "lora-pro-lean",
+                            "lora-ga", "lora-plus", "prilora", "alora", "full")
 """Every value accepted by ``--method``, in the order tables list them."""
+
+
+def resolve_method(method: str, args: argparse.Namespace) -> tuple[str, argparse.Namespace]:
+    """``(base method, options of its runs)``: a :data:`METHOD_VARIANTS` name becomes its base method and a copy
+    of ``args`` with the variant's option values; any other method is returned with ``args`` itself."""
+    if method not in METHOD_VARIANTS:
+        return method, args
+    base, overrides = METHOD_VARIANTS[method]
+    return base, argparse.Namespace(**{**vars(args), **overrides})
 
 DEFAULT_METHODS: tuple[str, ...] = ("lora", "lora-pro", "full")
 """Methods compared when ``--method`` is not given."""
@@ -150,7 +172,9 @@ def _training_group(p: argparse.ArgumentParser, *, with_lr: bool) -> None:
                    help="every N steps (and at step 1) log to metrics.jsonl the cosine between the step's update of "
                         "the target kernels and the full fine-tuning gradient there (experiments.alignment; costs "
                         "one extra forward/backward per measurement; 0: off)")
-    g.add_argument("--no-train-head", action="store_true", help="LoRA methods: freeze the classification head")
+    g.add_argument("--no-train-head", action="store_true",
+                   help="freeze the classification head at its random initialisation, for every method (full "
+                        "fine-tuning included): everything is learned through the encoder's weights")
 
 
 def _lora_group(p: argparse.ArgumentParser) -> None:

@@ -320,7 +320,8 @@ def setup_method(
     head = HEADS[spec.arch]
     head_filter = nnx.All(nnx.Param, nnx.PathContains(head)) if head and not args.no_train_head else None
     if method == "full":
-        return MethodState(wrt=nnx.Param, hooks=[])
+        frozen = nnx.All(nnx.Param, nnx.PathContains(head)) if head and args.no_train_head else None
+        return MethodState(wrt=nnx.All(nnx.Param, nnx.Not(frozen)) if frozen is not None else nnx.Param, hooks=[])
     wrt = nnx.Any(lp.LoRAParam, head_filter) if head_filter is not None else lp.LoRAParam
     s = _Setup(model, args, method, spec, task, lora_config(args, method, model_type),
                nnx.Rngs(params=seed + 1, dropout=seed + 2), seed, total_steps, MethodState(wrt=wrt, hooks=[]))

@@ -42,6 +42,7 @@ import lorapro_jax as lp
 from lorapro_jax.data import BucketedBatcher, load_tokenizer
 
 from . import alignment
+from .cli import resolve_method
 from .exporting import export_run
 from .methods import (
     MethodState,
@@ -54,7 +55,14 @@ from .methods import (
     setup_method,
     warmup_steps,
 )
-from .modeling import arch_of, fresh_copy, load_base_model, lora_targets, model_dir, model_type_of
+from .modeling import (
+    arch_of,
+    fresh_copy,
+    load_base_model,
+    lora_targets,
+    model_dir,
+    model_type_of,
+)
 from .steps import batch_loss, device_batch, evaluate, train_step
 from .tasks import TaskData, TaskSpec, build_spec, load_task
 
@@ -174,10 +182,12 @@ class _Run:
     last_eval_predictions: dict = dataclasses.field(default_factory=dict)
     last_loss: float | None = None
     align_paths: Any = None  # --log-alignment-every: the measured kernels (the layers the LoRA methods adapt)
+    base: str = ""  # the base method of a METHOD_VARIANTS name (else the method itself)
+    run_args: Any = None  # the session's options with the variant's values (cli.resolve_method)
 
     @property
     def args(self) -> argparse.Namespace:
-        return self.session.args
+        return self.run_args if self.run_args is not None else self.session.args
 
     @property
     def task(self) -> TaskData:
@@ -192,29 +202,31 @@ def _optimizer(s: Session, method: str, total: int, peak: float) -> tuple[Any, A
     key = (method, total)
     if key not in s.tx_cache:
         holder = PeakLr()
-        s.tx_cache[key] = (lr_shape(s.args.schedule, s.args.warmup_ratio, total),
-                           make_tx(s.args, method, total=total, peak=holder), holder)
+        base, margs = resolve_method(method, s.args)
+        s.tx_cache[key] = (lr_shape(margs.schedule, margs.warmup_ratio, total),
+                           make_tx(margs, base, total=total, peak=holder), holder)
     shape, tx, holder = s.tx_cache[key]
     holder.value = peak  # read by tx.init when the optimizer is created
     return shape, tx
 
 
 def _build(s: Session, method: str, seed: int, lr: float | None, name: str, out_dir: Path, t_start: float) -> _Run:
-    args = s.args
+    base, args = resolve_method(method, s.args)
     batcher = BucketedBatcher(s.task.train, args.batch_size, shuffle=True, seed=seed)
     steps_per_epoch = batcher.num_batches()
     total = args.epochs * steps_per_epoch
     if args.max_steps:
         total = min(total, args.max_steps)
     model = fresh_copy(s.base, s.spec.arch, seed)
-    mstate = setup_method(model, args, method, s.spec, s.task, s.model_type, seed, total)
+    mstate = setup_method(model, args, base, s.spec, s.task, s.model_type, seed, total)
     model.train()
-    peak = float(lr) if lr is not None else peak_lr(args, method)
+    peak = float(lr) if lr is not None else peak_lr(args, base)
     shape, tx = _optimizer(s, method, total, peak)
     opt = lp.LoraOptimizer(model, tx, wrt=mstate.wrt)  # keeps LoraPair-valued Adam moments
     run_dir = out_dir / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    r = _Run(s, method, seed, name, run_dir, peak, total, steps_per_epoch, batcher, model, mstate, opt, shape, t_start)
+    r = _Run(s, method, seed, name, run_dir, peak, total, steps_per_epoch, batcher, model, mstate, opt, shape, t_start,
+             base=base, run_args=args)
     if args.log_alignment_every:  # full fine-tuning is measured on the layers the LoRA methods adapt
         matches = lp.LoraConfig(rank=1, targets=lora_targets(args, s.model_type)).matches
         r.align_paths = alignment.kernel_paths(model, matches)
@@ -229,7 +241,7 @@ def _restore(r: _Run) -> None:
     ck_mod = _require("lorapro_jax.checkpoint", ["TrainCheckpointer"], "--checkpoint-dir")
     r.ckpt = ck_mod.TrainCheckpointer(
         Path(args.checkpoint_dir) / r.name, max_to_keep=2, async_save=False,
-        also_save=nnx.Param if r.method == "lora-ga" else None,  # LoRA-GA changed the base weights
+        also_save=nnx.Param if r.base == "lora-ga" else None,  # LoRA-GA changed the base weights
     )
     if args.resume and r.ckpt.latest_step() is not None:
         info = r.ckpt.restore(r.model, r.opt, skip_corrupt=True)
@@ -383,7 +395,7 @@ def _summary(r: _Run, final: dict[str, float], exports: dict[str, str]) -> dict[
         "run": r.name, "task": task.name, "method": r.method, "seed": r.seed, "model": str(model_dir(args)),
         "steps": r.step, "epochs": args.epochs, "train_examples": len(task.train),
         "peak_lr": r.peak, "lr_schedule": args.schedule, "warmup_steps": warmup_steps(args.warmup_ratio, r.total),
-        "rank": None if r.method == "full" else args.rank,
+        "base_method": r.base, "rank": None if r.base == "full" else args.rank,
         "trainable_params": count_trainable(r.model, r.mstate.wrt),
         "final_split": task.final_split, "final_metrics": final, "primary_metric": task.primary_metric,
         "eval_split": task.eval_split, "last_eval_metrics": r.last_eval,
@@ -436,7 +448,7 @@ def run_single(
         r.ckpt.close()
     if preds:
         np.savez(r.run_dir / "predictions.npz", **preds)
-    summary = _summary(r, final, export_run(session.args, r.model, method, name, r.mstate, session.spec.arch))
+    summary = _summary(r, final, export_run(r.args, r.model, r.base, name, r.mstate, session.spec.arch))
     if summary["nonfinite_skips"]:
         print(f"[{name}] skipped {summary['nonfinite_skips']} non-finite steps (--on-nonfinite skip)", file=sys.stderr)
     tmp = r.run_dir / "summary.json.tmp"

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep-name", default=None, help="output directory <out-dir>/<sweep-name>/ (default: <task>-sweep)")
     g.add_argument("--lrs", default=DEFAULT_LRS, help="peak learning rates tried for the LoRA methods")
     g.add_argument("--full-lrs", default=DEFAULT_FULL_LRS, help="peak learning rates tried for full fine-tuning")
+    g.add_argument("--method-lrs", action="append", default=[], metavar="METHOD=LR,LR,...",
+                   help="the grid of one method instead of --lrs / --full-lrs (repeatable), e.g. "
+                        "--method-lrs lora-pro-sgd=0.3,1,3 (SGD needs far larger learning rates than Adam)")
     g.add_argument("--tune-seeds", default=None,
                    help="seeds trained at every lr of the grid (default: all --seeds); the other --seeds run only "
                         "at each method's chosen lr")
@@ -81,6 +84,12 @@ def _resolve(argv: Sequence[str] | None) -> argparse.Namespace:
         raise SystemExit(f"--task: a sweep runs one task, got {args.tasks}")
     args.lr_grid = {m: _floats(args.full_lrs if m == "full" else args.lrs, "--full-lrs" if m == "full" else "--lrs")
                     for m in args.methods}
+    for item in args.method_lrs:
+        method, sep, lrs = item.partition("=")
+        if not sep or method.strip() not in args.methods:
+            raise SystemExit(f"--method-lrs {item!r}: expected METHOD=LR,LR,... with METHOD one of --method "
+                             f"{args.methods}")
+        args.lr_grid[method.strip()] = _floats(lrs, f"--method-lrs {method.strip()}")
     tune = args.seed_list if args.tune_seeds is None else [int(s) for s in csv_list(args.tune_seeds)]
     if not tune or not set(tune) <= set(args.seed_list):
         raise SystemExit(f"--tune-seeds {tune} must be a non-empty subset of --seeds {args.seed_list}")
@@ -206,7 +215,10 @@ def load_run(runs_dir: Path, spec: tuple[str, float, int]) -> dict[str, Any]:
                 "wall_time_s": info.get("wall_time_s")}
     s = json.loads((d / "summary.json").read_text())
     metric = s["primary_metric"]
-    train = [r for r in _read_jsonl(d / "metrics.jsonl") if r.get("type") == "train"]
+    records = _read_jsonl(d / "metrics.jsonl")
+    train = [r for r in records if r.get("type") == "train"]
+    # --log-alignment-every: cos(update, -full gradient) per measured step; step 1 of a warm-up is included
+    align = [r["cos_overall"] for r in records if r.get("type") == "alignment" and r.get("cos_overall") is not None]
     preds = np.load(d / "predictions.npz")
     return {
         "method": method, "lr": lr, "seed": seed, "failed": False, "run": str(d),
@@ -215,7 +227,7 @@ def load_run(runs_dir: Path, spec: tuple[str, float, int]) -> dict[str, Any]:
         "train_loss": s["final_train_loss"], "last_step_train_loss": s.get("last_step_train_loss"),
         "steps": s["steps"], "wall_time_s": s["wall_time_s"], "mean_step_time_s": s.get("mean_step_time_s"),
         "trainable_params": s["trainable_params"],
-        "loss_curve": [r["loss"] for r in train],
+        "loss_curve": [r["loss"] for r in train], "alignment": align,
         "scores": preds["scores"], "labels": preds["labels"],
     }
 
@@ -241,6 +253,7 @@ def _method_result(args: argparse.Namespace, method: str, lr: float, runs: list[
     ci = sweep_stats.bootstrap_interval([r["scores"] for r in ok], [r["labels"] for r in ok], metric=metric,
                                         replicates=args.bootstrap)
     steps = min(len(r["loss_curve"]) for r in ok)
+    cos = [c for r in ok for c in r["alignment"] if np.isfinite(c)]
     curve = np.mean([r["loss_curve"][:steps] for r in ok], axis=0)
     return {
         "chosen_lr": lr, "seeds": [r["seed"] for r in ok], "failed_seeds": [r["seed"] for r in failed],
@@ -252,6 +265,7 @@ def _method_result(args: argparse.Namespace, method: str, lr: float, runs: list[
         "steps": steps, "loss_curve_mean": curve.tolist(),
         "wall_time_per_run_s": float(np.mean([r["wall_time_s"] for r in ok])),
         "trainable_params": ok[0]["trainable_params"],
+        "alignment_cos_mean": float(np.mean(cos)) if cos else None, "alignment_points": len(cos),
     }
 
 
@@ -301,7 +315,7 @@ def summarize(args: argparse.Namespace, runs: list[dict], chosen: dict[str, floa
         "validation_by_lr": {m: {f"{lr:g}": c for lr, c in by.items()} for m, by in table.items()},
         "methods": {m: _method_result(args, m, lr, runs) for m, lr in chosen.items()},
         "differences_vs_full": _differences(args, chosen, runs),
-        "runs": [{k: v for k, v in r.items() if k not in ("scores", "labels", "loss_curve")} for r in runs],
+        "runs": [{k: v for k, v in r.items() if k not in ("scores", "labels", "loss_curve", "alignment")} for r in runs],
         "sweep_wall_time_s": wall_s,
         "settings": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
     }
@@ -321,15 +335,16 @@ def format_markdown(res: dict[str, Any]) -> str:
     if res["selection_split"] == final:
         lines += [f"**No test split: the {final} numbers are on the split the lr was chosen on (optimistic).**", ""]
     lines += [f"| method | lr | seeds | {res['selection_split']} (%) | {final} mean ± std (%) | 95% interval (%) | "
-              "train loss (last epoch / last step) | trainable | wall per run (s) |", "|" + "---|" * 9]
+              "train loss (last epoch / last step) | cos(ΔW, −g) | trainable | wall per run (s) |", "|" + "---|" * 10]
     for m, r in res["methods"].items():
         if not r["seeds"]:
-            lines.append(f"| {m} | {r['chosen_lr']:g} | 0 | failed | | | | | |")
+            lines.append(f"| {m} | {r['chosen_lr']:g} | 0 | failed | | | | | | |")
             continue
         std = "" if r["test_std"] is None else f" ± {_pct(r['test_std'])}"
+        cos = "n/a" if r.get("alignment_cos_mean") is None else f"{r['alignment_cos_mean']:.3f}"
         lines.append(f"| {m} | {r['chosen_lr']:g} | {len(r['seeds'])} | {_pct(r['val_mean'])} | "
                      f"{_pct(r['test_mean'])}{std} | {_pct(r['ci_low'])} – {_pct(r['ci_high'])} | "
-                     f"{r['train_loss_last_epoch_mean']:.4f} / {r['last_step_train_loss_mean']:.4f} | "
+                     f"{r['train_loss_last_epoch_mean']:.4f} / {r['last_step_train_loss_mean']:.4f} | {cos} | "
                      f"{r['trainable_params']:,} | {r['wall_time_per_run_s']:.1f} |")
     failed = {m: r["failed_seeds"] for m, r in res["methods"].items() if r["failed_seeds"]}
     if failed:
@@ -346,6 +361,10 @@ def format_markdown(res: dict[str, Any]) -> str:
         cells = [f"{lr}: " + ("x" if c["failed"] else _pct(c["val_mean"])) + ("*" if float(lr) == chosen else "")
                  for lr, c in by.items()]
         lines.append(f"- {m}: " + ", ".join(cells))
+    if any(r.get("alignment_cos_mean") is not None for r in res["methods"].values()):
+        lines += ["", "cos(ΔW, −g): cosine between a step's update of the adapted kernels (for LoRA methods "
+                  "s·(B'A' − BA)) and the negative full fine-tuning gradient on the same batch "
+                  "(--log-alignment-every), mean over the measured steps and seeds at the chosen lr."]
     lines += ["", f"Sweep wall time {res['sweep_wall_time_s'] / 60:.1f} min (this invocation)."]
     return "\n".join(lines) + "\n"
 

@@ -138,3 +138,63 @@ def test_learning_rates_share_one_compiled_step(tmp_path):
     np.testing.assert_allclose(np.array(lrs_b) / np.array(lrs_a), 10.0, rtol=1e-6)
     assert first["final_train_loss"] != second["final_train_loss"]  # the lr really changed the training
     assert (tmp_path / "runs" / "b" / "predictions.npz").is_file()
+
+
+def test_method_variants_are_their_base_method_with_options():
+    args = cli.parse_args(["--method", "rslora,lora-pro-lean,lora-pro", "--lora-pro-form", "efficient"])
+    base, vargs = cli.resolve_method("lora-pro-lean", args)
+    assert (base, vargs.lora_pro_form, args.lora_pro_form) == ("lora-pro", "lean", "efficient")  # args untouched
+    assert cli.resolve_method("lora-pro", args) == ("lora-pro", args)
+    base, vargs = cli.resolve_method("rslora", args)
+    assert base == "lora" and vargs.rslora is True and methods.lora_config(vargs, base, "bert").rslora
+    assert set(cli.METHOD_VARIANTS) <= set(cli.METHODS)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--method", "lora-pro-fast"])
+
+
+def _session(tmp_path, *extra):
+    from experiments import runner
+
+    model = write_tiny_bert(tmp_path / "bert")
+    args = cli.parse_args(["--model", str(model), "--max-per-class", "4", "--eval-max-per-class", "2",
+                           "--max-length", "16", "--batch-size", "4", "--eval-batch-size", "8", "--epochs", "1",
+                           "--max-steps", "2", "--no-progress", "--rank", "2", "--weight-decay", "0",
+                           "--out-dir", str(tmp_path / "runs"), *extra])
+    return runner.open_session(args, "bbc")
+
+
+def test_variant_run_equals_the_base_method_run_with_the_option(tmp_path):
+    """``--method lora-pro-sgd`` trains exactly like ``--method lora-pro --lora-pro-form sgd``."""
+    from experiments import runner
+
+    losses = lambda name: [json.loads(line)["loss"] for line in (tmp_path / "runs" / name / "metrics.jsonl").open()
+                           if '"train"' in line]
+    a = runner.run_single(_session(tmp_path), "lora-pro-sgd", 0, lr=0.5, name="variant")
+    b = runner.run_single(_session(tmp_path, "--lora-pro-form", "sgd"), "lora-pro", 0, lr=0.5, name="option")
+    assert (a["method"], a["base_method"], b["method"]) == ("lora-pro-sgd", "lora-pro", "lora-pro")
+    assert losses("variant") == losses("option") and len(losses("variant")) == 2
+    assert a["final_metrics"] == b["final_metrics"]
+
+
+def test_no_train_head_freezes_the_head_for_every_method(tmp_path):
+    from flax import nnx
+
+    from experiments import runner
+    from experiments.modeling import HEADS
+    from experiments.steps import device_batch, train_step
+
+    session = _session(tmp_path, "--no-train-head")
+    head = HEADS[session.spec.arch]
+    for method in ("full", "lora"):
+        r = runner._build(session, method, 0, 1e-2, method, tmp_path / "runs", 0.0)
+        trainable = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(r.model, r.mstate.wrt))]
+        assert trainable and not any(head in p for p in trainable), method
+        snap = lambda model: {jax.tree_util.keystr(p): np.array(x) for p, x in
+                              jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
+        before = snap(r.model)
+        train_step(r.model, r.opt, device_batch(next(iter(r.batcher.epoch(0)))), session.spec)
+        after = snap(r.model)
+        changed = {p for p in before if not np.array_equal(before[p], after[p])}
+        assert changed and not any(head in p for p in changed), (method, sorted(changed)[:3])
+        if method == "full":  # every other weight trains
+            assert any("query" in p for p in changed) and any("embeddings" in p for p in changed)

@@ -209,3 +209,28 @@ def test_tiny_real_sweep(tmp_path):
                                         out / "runs" / "full-lr0.0001-s2" / "summary.json"}
     assert all(after[p] == t for p, t in before.items())  # finished runs were not redone
     assert res3["methods"]["full"]["seeds"] == [0, 1, 2]
+
+
+def test_method_lrs_and_alignment_in_the_results(tmp_path, monkeypatch):
+    """``--method-lrs`` replaces one method's grid; the cosines logged at the chosen lr are averaged."""
+    calls = []
+    fake = _fake_run_specs(calls)
+    monkeypatch.setitem(FAKE, ("lora", 3.0), (0.99, 0.5))  # best on validation
+
+    def run_specs(args, specs, runs_dir):
+        fake(args, specs, runs_dir)
+        for method, lr, seed in specs:  # two measured steps per run
+            with open(runs_dir / sweep.run_dir_name(method, lr, seed) / "metrics.jsonl", "a") as f:
+                f.writelines(json.dumps({"type": "alignment", "step": step, "cos_overall": c}) + "\n" for step, c in ((1, 0.1 + seed + lr), (25, 0.3 + seed + lr)))
+
+    monkeypatch.setattr(sweep, "_run_specs", run_specs)
+    argv = [*ARGS, "--out-dir", str(tmp_path), "--seeds", "0,1", "--tune-seeds", "0", "--method-lrs", "lora=1e-3,3"]
+    res = sweep.main(argv)
+    assert res["grid"] == {"lora": [1e-3, 3.0], "full": [3e-5, 1e-4]}
+    assert ("lora", 1e-2, 0) not in calls and ("lora", 3.0, 1) in calls  # --lrs no longer applies to lora
+    lora = res["methods"]["lora"]
+    assert lora["chosen_lr"] == 3.0
+    assert lora["alignment_cos_mean"] == pytest.approx(np.mean([3.1, 3.3, 4.1, 4.3])) and lora["alignment_points"] == 4
+    assert "| 3.700 |" in (tmp_path / "bbc-sweep" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="METHOD=LR"):
+        sweep.main([*ARGS, "--out-dir", str(tmp_path / "x"), "--method-lrs", "alora=1e-3"])
