@@ -218,7 +218,8 @@ def load_run(runs_dir: Path, spec: tuple[str, float, int]) -> dict[str, Any]:
     records = _read_jsonl(d / "metrics.jsonl")
     train = [r for r in records if r.get("type") == "train"]
     # --log-alignment-every: cos(update, -full gradient) per measured step; step 1 of a warm-up is included
-    align = [r["cos_overall"] for r in records if r.get("type") == "alignment" and r.get("cos_overall") is not None]
+    align = [(r["step"], r["cos_overall"]) for r in records
+             if r.get("type") == "alignment" and r.get("cos_overall") is not None]
     preds = np.load(d / "predictions.npz")
     return {
         "method": method, "lr": lr, "seed": seed, "failed": False, "run": str(d),
@@ -253,7 +254,8 @@ def _method_result(args: argparse.Namespace, method: str, lr: float, runs: list[
     ci = sweep_stats.bootstrap_interval([r["scores"] for r in ok], [r["labels"] for r in ok], metric=metric,
                                         replicates=args.bootstrap)
     steps = min(len(r["loss_curve"]) for r in ok)
-    cos = [c for r in ok for c in r["alignment"] if np.isfinite(c)]
+    cos = [(step, c) for r in ok for step, c in r["alignment"] if np.isfinite(c)]
+    by_step = {step: float(np.mean([c for t, c in cos if t == step])) for step in sorted({t for t, _ in cos})}
     curve = np.mean([r["loss_curve"][:steps] for r in ok], axis=0)
     return {
         "chosen_lr": lr, "seeds": [r["seed"] for r in ok], "failed_seeds": [r["seed"] for r in failed],
@@ -265,7 +267,8 @@ def _method_result(args: argparse.Namespace, method: str, lr: float, runs: list[
         "steps": steps, "loss_curve_mean": curve.tolist(),
         "wall_time_per_run_s": float(np.mean([r["wall_time_s"] for r in ok])),
         "trainable_params": ok[0]["trainable_params"],
-        "alignment_cos_mean": float(np.mean(cos)) if cos else None, "alignment_points": len(cos),
+        "alignment_cos_mean": float(np.mean([c for _, c in cos])) if cos else None, "alignment_points": len(cos),
+        "alignment_cos_by_step": {str(k): v for k, v in by_step.items()},
     }
 
 
@@ -364,7 +367,11 @@ def format_markdown(res: dict[str, Any]) -> str:
     if any(r.get("alignment_cos_mean") is not None for r in res["methods"].values()):
         lines += ["", "cos(ΔW, −g): cosine between a step's update of the adapted kernels (for LoRA methods "
                   "s·(B'A' − BA)) and the negative full fine-tuning gradient on the same batch "
-                  "(--log-alignment-every), mean over the measured steps and seeds at the chosen lr."]
+                  "(--log-alignment-every), mean over the measured steps and seeds at the chosen lr. By step "
+                  "(mean over seeds):", ""]
+        for m, r in res["methods"].items():
+            if r.get("alignment_cos_by_step"):
+                lines.append(f"- {m}: " + ", ".join(f"step {k}: {v:.3f}" for k, v in r["alignment_cos_by_step"].items()))
     lines += ["", f"Sweep wall time {res['sweep_wall_time_s'] / 60:.1f} min (this invocation)."]
     return "\n".join(lines) + "\n"
 

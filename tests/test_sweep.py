@@ -231,6 +231,7 @@ def test_method_lrs_and_alignment_in_the_results(tmp_path, monkeypatch):
     lora = res["methods"]["lora"]
     assert lora["chosen_lr"] == 3.0
     assert lora["alignment_cos_mean"] == pytest.approx(np.mean([3.1, 3.3, 4.1, 4.3])) and lora["alignment_points"] == 4
+    assert lora["alignment_cos_by_step"] == pytest.approx({"1": 3.6, "25": 3.8})
     assert "| 3.700 |" in (tmp_path / "bbc-sweep" / "results.md").read_text()
     with pytest.raises(SystemExit, match="METHOD=LR"):
         sweep.main([*ARGS, "--out-dir", str(tmp_path / "x"), "--method-lrs", "alora=1e-3"])
