@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "at each method's chosen lr")
     g.add_argument("--jobs", type=int, default=1, help="worker processes running the pending runs in parallel")
     g.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates of the 95%% intervals")
+    g.add_argument("--baselines", default="full,lora",
+                   help="methods every other method is compared with (difference and paired interval), where in "
+                        "the sweep")
     g.add_argument("--compile-cache", default="auto",
                    help="JAX persistent compilation cache directory; 'auto': <out-dir>/.jax_cache, 'none': off")
     g.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -94,6 +97,7 @@ def _resolve(argv: Sequence[str] | None) -> argparse.Namespace:
     if not tune or not set(tune) <= set(args.seed_list):
         raise SystemExit(f"--tune-seeds {tune} must be a non-empty subset of --seeds {args.seed_list}")
     args.tune_list = tune
+    args.baseline_list = [b for b in csv_list(args.baselines) if b in args.methods]
     args.sweep_dir = Path(args.out_dir) / (args.sweep_name or f"{args.tasks[0].replace(':', '-')}-sweep")
     if args.jobs < 1:
         raise SystemExit("--jobs must be >= 1")
@@ -272,21 +276,31 @@ def _method_result(args: argparse.Namespace, method: str, lr: float, runs: list[
     }
 
 
-def _differences(args: argparse.Namespace, chosen: dict[str, float], runs: list[dict]) -> dict[str, Any]:
-    """Each method minus full fine-tuning (when in the sweep), bootstrap interval paired over test examples."""
-    if "full" not in chosen:
-        return {}
+def _differences(args: argparse.Namespace, chosen: dict[str, float], runs: list[dict],
+                 baseline: str) -> dict[str, Any]:
+    """Each method minus ``baseline`` (at their chosen lrs), bootstrap interval paired over test examples."""
     pick = {m: sorted((r for r in runs if r["method"] == m and r["lr"] == lr and not r["failed"]),
                       key=lambda r: r["seed"]) for m, lr in chosen.items()}
-    if not pick["full"]:
+    if not pick.get(baseline):
         return {}
-    metric = _metric_fn(args.tasks[0], pick["full"][0]["metric"])
+    base = pick[baseline]
+    metric = _metric_fn(args.tasks[0], base[0]["metric"])
     out = {}
     for m, rs in pick.items():
-        if m != "full" and rs:
-            out[f"{m} - full"] = sweep_stats.bootstrap_difference(
-                [r["scores"] for r in rs], [r["scores"] for r in pick["full"]], [r["labels"] for r in rs + pick["full"]],
+        if m != baseline and rs:
+            out[f"{m} - {baseline}"] = sweep_stats.bootstrap_difference(
+                [r["scores"] for r in rs], [r["scores"] for r in base], [r["labels"] for r in rs + base],
                 metric=metric, replicates=args.bootstrap)
+    return out
+
+
+def _compute(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Per method: the runs of the sweep (grid and extra seeds, every invocation) and their summed wall time."""
+    out: dict[str, dict[str, float]] = {}
+    for r in runs:
+        c = out.setdefault(r["method"], {"runs": 0, "run_wall_time_s": 0.0})
+        c["runs"] += 1
+        c["run_wall_time_s"] += float(r.get("wall_time_s") or 0.0)
     return out
 
 
@@ -317,7 +331,9 @@ def summarize(args: argparse.Namespace, runs: list[dict], chosen: dict[str, floa
         "seeds": args.seed_list, "tune_seeds": args.tune_list, "grid": args.lr_grid,
         "validation_by_lr": {m: {f"{lr:g}": c for lr, c in by.items()} for m, by in table.items()},
         "methods": {m: _method_result(args, m, lr, runs) for m, lr in chosen.items()},
-        "differences_vs_full": _differences(args, chosen, runs),
+        "differences": {b: _differences(args, chosen, runs, b) for b in args.baseline_list},
+        "differences_vs_full": _differences(args, chosen, runs, "full") if "full" in chosen else {},
+        "compute": _compute(runs),
         "runs": [{k: v for k, v in r.items() if k not in ("scores", "labels", "loss_curve", "alignment")} for r in runs],
         "sweep_wall_time_s": wall_s,
         "settings": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
@@ -332,13 +348,13 @@ def format_markdown(res: dict[str, Any]) -> str:
     """``results.md``: the tuned comparison, the validation grid and the differences to full fine-tuning."""
     metric, final = res["metric"], res["final_split"]
     lines = [f"# Sweep `{res['sweep']}`: {res['task']}", "",
-             f"lr chosen per method on {res['selection_split']} {metric} (tuning seeds {res['tune_seeds']}); "
-             f"{final} {metric} over seeds {res['seeds']}: mean ± std (sample std; one seed: no std) and "
-             f"{res['interval']}.", ""]
+             (f"lr chosen per method on {res['selection_split']} {metric} (tuning seeds {res['tune_seeds']}); "
+              f"{final} {metric} over seeds {res['seeds']}: mean ± std (sample std; one seed: no std) and "
+              f"{res['interval']}."), ""]
     if res["selection_split"] == final:
         lines += [f"**No test split: the {final} numbers are on the split the lr was chosen on (optimistic).**", ""]
-    lines += [f"| method | lr | seeds | {res['selection_split']} (%) | {final} mean ± std (%) | 95% interval (%) | "
-              "train loss (last epoch / last step) | cos(ΔW, −g) | trainable | wall per run (s) |", "|" + "---|" * 10]
+    lines += [(f"| method | lr | seeds | {res['selection_split']} (%) | {final} mean ± std (%) | 95% interval (%) | "
+               "train loss (last epoch / last step) | cos(ΔW, −g) | trainable | wall per run (s) |"), "|" + "---|" * 10]
     for m, r in res["methods"].items():
         if not r["seeds"]:
             lines.append(f"| {m} | {r['chosen_lr']:g} | 0 | failed | | | | | | |")
@@ -352,10 +368,12 @@ def format_markdown(res: dict[str, Any]) -> str:
     failed = {m: r["failed_seeds"] for m, r in res["methods"].items() if r["failed_seeds"]}
     if failed:
         lines += ["", f"Runs that failed at the chosen lr (left out of the mean and interval): {failed}"]
-    if res["differences_vs_full"]:
-        lines += ["", f"Difference to full fine-tuning ({final} {metric}, points; interval paired over test examples):",
-                  "", "| method - full | difference | 95% interval | interval excludes 0 |", "|---|---|---|---|"]
-        for k, d in res["differences_vs_full"].items():
+    for base, diffs in res.get("differences", {}).items():
+        if not diffs:
+            continue
+        lines += ["", f"Difference to {base} ({final} {metric}, points; interval paired over test examples):", "",
+                  f"| method - {base} | difference | 95% interval | interval excludes 0 |", "|---|---|---|---|"]
+        for k, d in diffs.items():
             lines.append(f"| {k} | {100 * d['diff']:+.2f} | {100 * d['low']:+.2f} – {100 * d['high']:+.2f} | "
                          f"{'yes' if d['excludes_zero'] else 'no (within the interval)'} |")
     lines += ["", f"Validation {metric} (%) by lr (mean over the tuning seeds; * chosen; failed runs: x):", ""]
@@ -365,47 +383,69 @@ def format_markdown(res: dict[str, Any]) -> str:
                  for lr, c in by.items()]
         lines.append(f"- {m}: " + ", ".join(cells))
     if any(r.get("alignment_cos_mean") is not None for r in res["methods"].values()):
-        lines += ["", "cos(ΔW, −g): cosine between a step's update of the adapted kernels (for LoRA methods "
-                  "s·(B'A' − BA)) and the negative full fine-tuning gradient on the same batch "
-                  "(--log-alignment-every), mean over the measured steps and seeds at the chosen lr. By step "
-                  "(mean over seeds):", ""]
+        lines += ["", ("cos(ΔW, −g): cosine between a step's update of the adapted kernels (for LoRA methods "
+                       "s·(B'A' − BA)) and the negative full fine-tuning gradient on the same batch "
+                       "(--log-alignment-every), mean over the measured steps and seeds at the chosen lr. By step "
+                       "(mean over seeds):"), ""]
         for m, r in res["methods"].items():
             if r.get("alignment_cos_by_step"):
                 lines.append(f"- {m}: " + ", ".join(f"step {k}: {v:.3f}" for k, v in r["alignment_cos_by_step"].items()))
-    lines += ["", f"Sweep wall time {res['sweep_wall_time_s'] / 60:.1f} min (this invocation)."]
+    cost = ", ".join(f"{m} {c['runs']} runs {c['run_wall_time_s'] / 60:.1f} min" for m, c in res["compute"].items())
+    lines += ["", f"Run time per method (sum of the runs' wall times, all invocations): {cost}.",
+              f"Sweep wall time {res['sweep_wall_time_s'] / 60:.1f} min (this invocation)."]
     return "\n".join(lines) + "\n"
 
 
-def plot(res: dict[str, Any], out_dir: Path) -> list[Path]:
-    """``accuracy_vs_lr.png`` (validation metric vs lr per method) and ``loss_at_chosen_lr.png``."""
+def _styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """One distinct colour (tab20: up to 20 methods) and marker per method, the same in both plots."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20" if len(methods) > 10 else "tab10"]
+    return {m: {"color": cmap(i % cmap.N), "marker": "osD^v<>ph*"[i % 10]} for i, m in enumerate(methods)}
+
+
+def _smooth(curve: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average (the first points average what exists so far)."""
+    c = np.cumsum(np.insert(curve, 0, 0.0))
+    idx = np.arange(1, curve.size + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def plot(res: dict[str, Any], out_dir: Path, smooth: int = 5) -> list[Path]:
+    """``accuracy_vs_lr.png`` (validation metric vs lr per method) and ``loss_at_chosen_lr.png`` (train loss,
+    mean over seeds, trailing moving average of ``smooth`` steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    style = _styles(list(res["methods"]))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for m, by in res["validation_by_lr"].items():
         lrs = [float(lr) for lr in by]
         vals = [100 * c["val_mean"] if np.isfinite(c["val_mean"]) else np.nan for c in by.values()]
-        ax.plot(lrs, vals, "o-", label=m)
+        ax.plot(lrs, vals, "-", label=m, **style[m])
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel(f"{res['selection_split']} {res['metric']} (%)")
     ax.set_title(f"{res['task']}: {res['metric']} vs lr (mean over tuning seeds)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     paths = [out_dir / "accuracy_vs_lr.png"]
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for m, r in res["methods"].items():
         if r["seeds"]:
-            curve = np.asarray(r["loss_curve_mean"])
-            ax.plot(np.arange(1, curve.size + 1), curve, label=f"{m} (lr {r['chosen_lr']:g})")
+            curve = _smooth(np.asarray(r["loss_curve_mean"]), max(1, smooth))
+            ax.plot(np.arange(1, curve.size + 1), curve, label=f"{m} (lr {r['chosen_lr']:g})",
+                    color=style[m]["color"])
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (mean over seeds)")
-    ax.set_title(f"{res['task']}: train loss at each method's chosen lr")
-    ax.legend(fontsize=8)
+    avg = f", moving average of {smooth} steps" if smooth > 1 else ""
+    ax.set_title(f"{res['task']}: train loss at each method's chosen lr{avg}")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     paths.append(out_dir / "loss_at_chosen_lr.png")
     fig.savefig(paths[1], dpi=120)
@@ -416,7 +456,7 @@ def plot(res: dict[str, Any], out_dir: Path) -> list[Path]:
 def _check_settings(args: argparse.Namespace) -> None:
     """Refuse to mix runs of different settings in one sweep directory (``settings.json``)."""
     ignore = {"jobs", "no_progress", "worker", "seeds", "seed_list", "tune_seeds", "tune_list", "lrs", "full_lrs",
-              "bootstrap", "compile_cache", "method", "methods", "sweep_dir"}
+              "bootstrap", "compile_cache", "method", "methods", "sweep_dir", "baselines"}
     mine = {k: v for k, v in vars(args).items() if k not in ignore and isinstance(v, (str, int, float, bool, type(None)))}
     path = args.sweep_dir / "settings.json"
     if path.is_file():

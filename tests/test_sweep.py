@@ -71,9 +71,15 @@ def test_lr_chosen_on_validation_only_and_resume(tmp_path, monkeypatch):
     assert lora["test_per_seed"] == pytest.approx([0.60, 0.61, 0.62])
     assert lora["test_mean"] == pytest.approx(0.61) and lora["test_std"] == pytest.approx(0.01)
     assert lora["ci_low"] <= 0.61 <= lora["ci_high"]
+    # each method against each baseline in the sweep (full, lora), paired: the same difference with opposite signs
+    to_full, to_lora = res["differences"]["full"]["lora - full"], res["differences"]["lora"]["full - lora"]
+    assert to_full["diff"] == pytest.approx(0.61 - 0.71) and to_lora["diff"] == pytest.approx(0.10)
+    assert (to_full["low"], to_full["high"]) == pytest.approx((-to_lora["high"], -to_lora["low"]), abs=0.03)
+    assert res["compute"]["lora"] == {"runs": 4, "run_wall_time_s": 4.0}
     out = tmp_path / "s"
     assert json.loads((out / "results.json").read_text())["methods"]["full"]["chosen_lr"] == 3e-5
-    assert "| lora | 0.001 | 3 |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| lora | 0.001 | 3 |" in md and "| full - lora | +10.00 |" in md and "lora 4 runs" in md
     for png in ("accuracy_vs_lr.png", "loss_at_chosen_lr.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resuming: nothing runs again; a run without summary.json (interrupted) runs again, alone
