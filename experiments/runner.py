@@ -262,7 +262,7 @@ def _open_outputs(r: _Run) -> None:
     if not r.resumed:
         r.log.write({"type": "config", "task": r.task.name, "method": r.method, "seed": r.seed, "steps": r.total,
                      "steps_per_epoch": r.steps_per_epoch, "peak_lr": r.peak,
-                     "warmup_steps": warmup_steps(r.args.warmup_ratio, r.total), **r.mstate.info})
+                     "max_length": r.task.max_length, "warmup_steps": warmup_steps(r.args.warmup_ratio, r.total), **r.mstate.info})
     if not r.args.no_progress:
         from tqdm.auto import tqdm
 
@@ -393,7 +393,7 @@ def _summary(r: _Run, final: dict[str, float], exports: dict[str, str]) -> dict[
     last_epoch = max(r.epoch_losses) if r.epoch_losses else None
     return {
         "run": r.name, "task": task.name, "method": r.method, "seed": r.seed, "model": str(model_dir(args)),
-        "steps": r.step, "epochs": args.epochs, "train_examples": len(task.train),
+        "steps": r.step, "epochs": args.epochs, "train_examples": len(task.train), "max_length": task.max_length,
         "peak_lr": r.peak, "lr_schedule": args.schedule, "warmup_steps": warmup_steps(args.warmup_ratio, r.total),
         "base_method": r.base, "rank": None if r.base == "full" else args.rank,
         "trainable_params": count_trainable(r.model, r.mstate.wrt),

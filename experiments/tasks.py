@@ -32,7 +32,7 @@ from lorapro_jax.data import (
 )
 from lorapro_jax.data.metrics import accuracy, f1_score
 
-from .cli import csv_list
+from .cli import csv_list, max_length_for
 
 __all__ = ["LOCAL_SPLITS", "TaskData", "TaskSpec", "build_spec", "load_local_task", "load_task", "seq2seq_targets"]
 
@@ -70,6 +70,7 @@ class TaskData:
     label_names: tuple[str, ...]
     is_regression: bool
     primary_metric: str
+    max_length: int = 0  # tokens per example (longer texts truncated)
 
     def metrics(self, scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> dict[str, float]:
         """Metrics of predictions ``scores`` ``(N, C)`` (or ``(N, 1)`` regression) against ``labels``."""
@@ -256,7 +257,8 @@ def load_task(args: argparse.Namespace, task: str, tokenizer: Any, seq2seq: bool
             raise SystemExit(f"{task}: --head seq2seq needs --prompt (a template such as 'sst2 sentence: {{sentence}}')")
         raw = {k: _seq2seq_text(v, r.template) for k, v in raw.items()}
         cols = dict(text_column="_prompt", text_pair_column=None)
-    enc = {k: encode_dataset(v, tokenizer, max_length=args.max_length, label_column="label", **cols) for k, v in raw.items()}
+    max_length = max_length_for(args, task)
+    enc = {k: encode_dataset(v, tokenizer, max_length=max_length, label_column="label", **cols) for k, v in raw.items()}
     train = enc.pop("train")
     if len(train) == 0:
         raise SystemExit(f"{task}: the training split is empty")
@@ -270,6 +272,7 @@ def load_task(args: argparse.Namespace, task: str, tokenizer: Any, seq2seq: bool
         label_names=tuple(r.label_names),
         is_regression=r.is_regression,
         primary_metric=r.primary_metric,
+        max_length=max_length,
     )
 
 

@@ -108,7 +108,7 @@ def test_train_on_local_files(tmp_path):
     s = finetune.main(["--model", str(model), "--task", "local", "--data-files", files, "--text-column", "body",
                        "--label-column", "y", "--method", "lora", "--max-steps", "2", "--out-dir",
                        str(tmp_path / "runs"), *SMALL])[0]
-    assert s["task"] == "local" and s["final_split"] == "test" and s["steps"] == 2
+    assert s["task"] == "local" and s["final_split"] == "test" and s["steps"] == 2 and s["max_length"] == 16
     assert 0.0 <= s["final_metrics"]["accuracy"] <= 1.0 and math.isfinite(s["final_train_loss"])
     recs = [json.loads(line) for line in (tmp_path / "runs" / "local-lora-s0" / "metrics.jsonl").open()]
     assert {r["split"] for r in recs if r["type"] == "eval"} == {"validation", "test"}

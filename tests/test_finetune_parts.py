@@ -37,6 +37,15 @@ def test_help_has_text_and_one_default_per_option():
     assert "default: 0.001" in lr
 
 
+def test_max_length_default_per_task():
+    """bbc cuts articles to 32 tokens (the quick embedded default), other tasks 128; --max-length wins."""
+    args = cli.parse_args([])
+    assert (cli.max_length_for(args, "bbc"), cli.max_length_for(args, "local")) == (32, 128)
+    assert cli.max_length_for(args, "glue:sst2") == cli.DEFAULT_MAX_LENGTH == 128
+    args = cli.parse_args(["--max-length", "64"])
+    assert (cli.max_length_for(args, "bbc"), cli.max_length_for(args, "local")) == (64, 64)
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_warmup_never_starts_at_zero(schedule):
     total, ratio = 26, 0.03
