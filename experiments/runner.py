@@ -261,8 +261,8 @@ def _open_outputs(r: _Run) -> None:
     r.log = _Jsonl(r.run_dir / "metrics.jsonl", append=r.resumed)
     if not r.resumed:
         r.log.write({"type": "config", "task": r.task.name, "method": r.method, "seed": r.seed, "steps": r.total,
-                     "steps_per_epoch": r.steps_per_epoch, "peak_lr": r.peak,
-                     "max_length": r.task.max_length, "warmup_steps": warmup_steps(r.args.warmup_ratio, r.total), **r.mstate.info})
+                     "steps_per_epoch": r.steps_per_epoch, "peak_lr": r.peak, "max_length": r.task.max_length,
+                     "warmup_steps": warmup_steps(r.args.warmup_ratio, r.total), **r.mstate.info})
     if not r.args.no_progress:
         from tqdm.auto import tqdm
 

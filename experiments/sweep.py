@@ -248,12 +248,17 @@ def _metric_fn(task: str, metric: str) -> sweep_stats.Metric:
     raise SystemExit(f"no bootstrap for metric {metric!r} of task {task!r}")
 
 
+def _chosen_runs(runs: list[dict], method: str, lr: float) -> list[dict]:
+    """The finished (not failed) runs of ``method`` at ``lr``, by seed."""
+    return sorted((r for r in runs if r["method"] == method and r["lr"] == lr and not r["failed"]),
+                  key=lambda r: r["seed"])
+
+
 def _method_result(args: argparse.Namespace, method: str, lr: float, runs: list[dict]) -> dict[str, Any]:
-    ok = [r for r in runs if r["method"] == method and r["lr"] == lr and not r["failed"]]
+    ok = _chosen_runs(runs, method, lr)
     failed = [r for r in runs if r["method"] == method and r["lr"] == lr and r["failed"]]
     if not ok:
         return {"chosen_lr": lr, "seeds": [], "failed_seeds": [r["seed"] for r in failed]}
-    ok.sort(key=lambda r: r["seed"])
     metric = _metric_fn(args.tasks[0], ok[0]["metric"])
     ci = sweep_stats.bootstrap_interval([r["scores"] for r in ok], [r["labels"] for r in ok], metric=metric,
                                         replicates=args.bootstrap)
@@ -279,8 +284,7 @@ def _method_result(args: argparse.Namespace, method: str, lr: float, runs: list[
 def _differences(args: argparse.Namespace, chosen: dict[str, float], runs: list[dict],
                  baseline: str) -> dict[str, Any]:
     """Each method minus ``baseline`` (at their chosen lrs), bootstrap interval paired over test examples."""
-    pick = {m: sorted((r for r in runs if r["method"] == m and r["lr"] == lr and not r["failed"]),
-                      key=lambda r: r["seed"]) for m, lr in chosen.items()}
+    pick = {m: _chosen_runs(runs, m, lr) for m, lr in chosen.items()}
     if not pick.get(baseline):
         return {}
     base = pick[baseline]
@@ -321,6 +325,7 @@ def summarize(args: argparse.Namespace, runs: list[dict], chosen: dict[str, floa
     """The content of ``results.json`` (see the README's sweep section)."""
     ok = [r for r in runs if not r["failed"]]
     table = sweep_stats.validation_table(runs, args.tune_list)
+    diffs = {b: _differences(args, chosen, runs, b) for b in args.baseline_list}  # bootstraps: computed once
     return {
         "sweep": args.sweep_dir.name, "task": args.tasks[0], "metric": ok[0]["metric"] if ok else None,
         "selection_split": ok[0]["eval_split"] if ok else None, "final_split": ok[0]["final_split"] if ok else None,
@@ -331,8 +336,8 @@ def summarize(args: argparse.Namespace, runs: list[dict], chosen: dict[str, floa
         "seeds": args.seed_list, "tune_seeds": args.tune_list, "grid": args.lr_grid,
         "validation_by_lr": {m: {f"{lr:g}": c for lr, c in by.items()} for m, by in table.items()},
         "methods": {m: _method_result(args, m, lr, runs) for m, lr in chosen.items()},
-        "differences": {b: _differences(args, chosen, runs, b) for b in args.baseline_list},
-        "differences_vs_full": _differences(args, chosen, runs, "full") if "full" in chosen else {},
+        "differences": diffs,
+        "differences_vs_full": diffs["full"] if "full" in diffs else _differences(args, chosen, runs, "full"),
         "compute": _compute(runs),
         "runs": [{k: v for k, v in r.items() if k not in ("scores", "labels", "loss_curve", "alignment")} for r in runs],
         "sweep_wall_time_s": wall_s,

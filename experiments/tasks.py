@@ -70,7 +70,7 @@ class TaskData:
     label_names: tuple[str, ...]
     is_regression: bool
     primary_metric: str
-    max_length: int = 0  # tokens per example (longer texts truncated)
+    max_length: int  # tokens per example (longer texts truncated)
 
     def metrics(self, scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> dict[str, float]:
         """Metrics of predictions ``scores`` ``(N, C)`` (or ``(N, 1)`` regression) against ``labels``."""
