@@ -243,7 +243,7 @@ def _setup_lora_ga(s: _Setup) -> None:
     spec = s.spec
     _, record = mod.apply_lora_ga(
         s.model, s.cfg, lambda m, b: batch_loss(m, b, spec), batches, rngs=s.rngs,
-        direction=s.args.lora_ga_direction, scale=s.args.lora_ga_scale, stable_gamma=s.args.lora_ga_gamma,
+        direction=s.args.lora_ga_direction, scale_mode=s.args.lora_ga_scale, stable_gamma=s.args.lora_ga_gamma,
     )
     s.model.train()
     s.state.lora_ga_record = record
