@@ -5,7 +5,8 @@
 without ever materialising ``W0 + s * a @ b`` in the forward pass. The factors live in a single
 :class:`LoRAParam` whose value is a :class:`~lorapro_jax.lora.pairing.LoraPair`, so
 ``nnx.state(model, LoRAParam)`` is the explicit A/B pairing that the optimizers consume, and
-``nnx.Optimizer(model, tx, wrt=LoRAParam)`` trains only the adapters.
+``nnx.Optimizer(model, tx, wrt=LoRAParam)`` (or ``wrt=nnx.LoRAParam``, its flax base class) trains only the
+adapters.
 
 Reference: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685.
 """
@@ -44,8 +45,13 @@ __all__ = [
 ]
 
 
-class LoRAParam(nnx.Param):
-    """Trainable LoRA factors. Its value is a :class:`LoraPair` ``(a, b, scale)``."""
+class LoRAParam(nnx.LoRAParam):
+    """Trainable LoRA factors. Its value is a :class:`LoraPair` ``(a, b, scale)``.
+
+    A subclass of ``flax.nnx.LoRAParam`` (the type of ``nnx.LoRA`` and qwix factors), so one filter,
+    ``wrt=nnx.LoRAParam``, selects the adapters of native, ``nnx.LoRA`` and qwix trees alike;
+    ``wrt=lorapro_jax.LoRAParam`` selects only the native ones.
+    """
 
 
 class LoRAGate(nnx.Variable):
