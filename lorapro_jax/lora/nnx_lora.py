@@ -71,10 +71,6 @@ _ADAPTABLE = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 _UNSUPPORTED = (nnx.Embed, nnx.Conv, nnx.ConvTranspose)
 
 
-def _spec_for(path: str, module: nnx.Module) -> KernelSpec:
-    return kernel_spec_for(path, module)
-
-
 class LoRALayer(nnx.Module):
     """A base layer plus a LoRA branch: ``y = base(x) + s * ((drop(x) @ (a * a_mask)) * gate) @ b``.
 
@@ -176,51 +172,13 @@ class LoRALayer(nnx.Module):
     def _lora_branch(self, x: Array) -> Array:
         p = self.pair
         a = p.a if self.a_mask is None else p.a * self.a_mask[...]
-        gate = self.gate[...]
         dtype = x.dtype
-        a, b, gate = a.astype(dtype), p.b.astype(dtype), gate.astype(dtype)
-        spec = self.spec
-        nb = len(spec.batch_shape)
-        if spec.kind == "linear":
-            h = x @ a
-            return p.scale * ((h * gate) @ b)
-        if spec.kind == "general":
-            axes = tuple(ax % x.ndim for ax in spec.axis)
-            if not nb:
-                h = jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))))
-                return p.scale * jnp.tensordot(h * gate, b, axes=1)
-            bat = tuple(range(nb))  # LinearGeneral's batch axes are the leading input axes
-            h = jax.lax.dot_general(x, a, ((axes, tuple(range(nb, nb + len(axes)))), (bat, bat)))
-            h = h * gate.reshape(gate.shape[:-1] + (1,) * (h.ndim - nb - 1) + gate.shape[-1:])
-            return p.scale * jax.lax.dot_general(h, b, (((h.ndim - 1,), (nb,)), (bat, bat)))
-        xs, _, ys, ins, outs = spec.einsum
-        bl = spec.batch_letters
-        rest = "".join(c for c in xs if c in ys or c == ".")
-        h = jnp.einsum(f"{xs},{bl}{ins}Z->{rest}Z", x, a)
-        h = jnp.einsum(f"{rest}Z,{bl}Z->{rest}Z", h, gate) if bl else h * gate
-        return p.scale * jnp.einsum(f"{rest}Z,{bl}Z{outs}->{ys}", h, b)
+        a, b, gate = a.astype(dtype), p.b.astype(dtype), self.gate[...].astype(dtype)
+        return p.scale * self.spec.lora_branch(x, a, gate, b)
 
     def _track_input_norm(self, x: Array) -> None:
-        spec = self.spec
-        nb = len(spec.batch_shape)
-        if spec.kind == "linear":
-            axes = tuple(range(x.ndim - 1))
-        elif spec.kind == "general":
-            kept = {ax % x.ndim for ax in spec.axis} | set(range(nb))
-            axes = tuple(i for i in range(x.ndim) if i not in kept)
-        else:
-            xs, _, _, ins, _ = spec.einsum
-            keep = ins + spec.batch_letters
-            named = xs.replace(".", "")
-            lead = x.ndim - len(named)  # leading ellipsis axes (0 without one): always reduced
-            axes = tuple(range(lead)) + tuple(lead + i for i, c in enumerate(named) if c not in keep)
-            order = [c for c in named if c in keep]
-        norms = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes))
-        if spec.kind == "einsum":
-            perm = [order.index(c) for c in spec.batch_letters + spec.einsum[3]]
-            norms = jnp.transpose(norms, perm)
         d = self.input_norm_decay
-        self.input_norm[...] = d * self.input_norm[...] + (1.0 - d) * norms.reshape(spec.batch_shape + spec.in_shape)
+        self.input_norm[...] = d * self.input_norm[...] + (1.0 - d) * self.spec.input_norms(x)
 
     def __call__(self, x: Array, *args, **kwargs) -> Array:
         if self.layer_ndim:
@@ -329,7 +287,7 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.
     dtype = jnp.dtype(config.param_dtype)
     for path, m in chosen:
         ps = _path_str(path)
-        spec = _spec_for(ps, m)
+        spec = kernel_spec_for(ps, m)
         r = config.rank_for(ps)
         layer = LoRALayer(
             m,
