@@ -368,8 +368,39 @@ def apply_lora_ga(
     (``params`` / ``dropout`` streams) and then seeds the randomised SVD (one more ``params`` key).
     ``targets`` restricts LoRA-GA to some of the adapted layers (the others keep the config's init).
 
+    Args:
+      model, config: as in :func:`~lorapro_jax.apply_lora`.
+      loss_fn: ``loss_fn(model, batch) -> scalar``, differentiated with respect to the base kernels.
+      batches: the batches (or a function returning an iterable of them) whose mean gradient is ``G``.
+      rngs: see above.
+      direction, scale_mode, stable_gamma, svd, n_iter: see :func:`lora_ga_factors`.
+      layer_by_layer, mesh, batch_axis, data_parallel, targets: see
+        :func:`~lorapro_jax.init.estimate_full_gradients`.
+
     Returns:
       ``(model, record)``: the model (adapted in place) and the :func:`lora_ga_init` record.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import lorapro_jax as lp
+      >>> class MLP(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.fc = nnx.Linear(4, 3, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.fc(x)
+      >>> def loss_fn(model, batch):
+      ...     x, y = batch
+      ...     return jnp.mean((model(x) - y) ** 2)
+      >>> x, y = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4), jnp.ones((2, 3))
+      >>> model = MLP(nnx.Rngs(0))
+      >>> before = model(x)
+      >>> model, record = lp.apply_lora_ga(model, lp.LoraConfig(rank=1, alpha=1.0, targets=["fc"]), loss_fn,
+      ...                                  [(x, y)], rngs=nnx.Rngs(1), svd="full")
+      >>> record["fc"].a.shape, record["fc"].b.shape  # A0ᵀ, B0ᵀ from the SVD of the gradient
+      ((4, 1), (1, 3))
+      >>> bool(jnp.allclose(model(x), before, atol=1e-5))  # W0 − s B0 A0 + s B0 A0: output unchanged
+      True
     """
     check_module(model, "model", "apply_lora_ga", "apply_lora_ga(model, config, loss_fn, batches, rngs=...)")
     check_config(config, "apply_lora_ga")

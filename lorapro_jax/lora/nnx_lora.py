@@ -242,6 +242,22 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.
     Returns:
       The same model object, adapted.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import lorapro_jax as lp
+      >>> class MLP(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.fc = nnx.Linear(4, 3, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.fc(x)
+      >>> model = lp.apply_lora(MLP(nnx.Rngs(0)), lp.LoraConfig(rank=2, targets=["fc"]), rngs=nnx.Rngs(1))
+      >>> list(lp.lora_layers(model)), model.fc.pair.a.shape, model.fc.pair.b.shape
+      (['fc'], (4, 2), (2, 3))
+      >>> x = jnp.ones((1, 4))
+      >>> bool(jnp.array_equal(model(x), model.fc.base(x)))  # B starts at zero: the output is unchanged
+      True
+
     Raises:
       TypeError: ``model`` is not an ``nnx.Module`` or ``config`` not a :class:`LoraConfig`.
       ValueError: a target matches no adaptable layer (the message lists the adaptable paths), a

@@ -125,6 +125,24 @@ def scale_by_lora_pro(
       An ``optax.GradientTransformation`` with an empty state. It does not check for NaN/inf: wrap the
       whole chain in :func:`~lorapro_jax.guard_nonfinite` (or use :func:`lora_pro_sgd` /
       :func:`lora_pro_adamw`, which do).
+
+    Examples:
+      At the standard init ``B = 0`` LoRA-Pro's gradients are ``ĝ_A = 0`` and ``ĝ_B = g_B (AAᵀ + δI)⁻¹ / s²``
+      (here ``AAᵀ = I``, ``s = 1``, so ``ĝ_B = g_B``):
+
+      >>> import jax.numpy as jnp
+      >>> import lorapro_jax as lp
+      >>> params = {"fc": lp.LoraPair(a=jnp.eye(3, 2), b=jnp.zeros((2, 3)), scale=1.0)}  # a = Aᵀ: (n, r)
+      >>> grads = {"fc": lp.LoraPair(a=jnp.zeros((3, 2)), b=jnp.ones((2, 3)), scale=1.0)}  # g_A = s Bᵀ g = 0
+      >>> tx = lp.scale_by_lora_pro()
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> print(updates["fc"].a)
+      [[0. 0.]
+       [0. 0.]
+       [0. 0.]]
+      >>> print(updates["fc"].b)
+      [[1. 1. 1.]
+       [1. 1. 1.]]
     """
     check_x_mode(x_mode)
 
@@ -155,6 +173,25 @@ def lora_pro_sgd(
 
     ``on_nonfinite`` / ``max_consecutive_skips`` are :func:`~lorapro_jax.guard_nonfinite`'s, applied once
     around the whole chain: a skipped step leaves the momentum and the schedule's step count as they were.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import lorapro_jax as lp
+      >>> params = {"fc": lp.LoraPair(a=jnp.eye(3, 2), b=jnp.zeros((2, 3)), scale=1.0)}
+      >>> grads = {"fc": lp.LoraPair(a=jnp.zeros((3, 2)), b=jnp.ones((2, 3)), scale=1.0)}  # g_A = s Bᵀ g = 0
+      >>> tx = lp.lora_pro_sgd(learning_rate=0.1)
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> print(updates["fc"].b.round(3))  # −η ĝ_B
+      [[-0.1 -0.1 -0.1]
+       [-0.1 -0.1 -0.1]]
+
+      With ``on_nonfinite="skip"`` a step with NaN gradients changes nothing and is counted:
+
+      >>> tx = lp.lora_pro_sgd(0.1, on_nonfinite="skip")
+      >>> bad = {"fc": grads["fc"].replace(a=grads["fc"].a.at[0, 0].set(jnp.nan))}
+      >>> updates, state = tx.update(bad, tx.init(params), params)
+      >>> float(abs(updates["fc"].b).max()), int(lp.nonfinite_skips(state))
+      (0.0, 1)
     """
     tx = optax.chain(
         scale_by_lora_pro(delta=delta, x_mode=x_mode),
@@ -363,6 +400,21 @@ def lora_pro_adamw(
 
     Returns:
       An ``optax.GradientTransformation``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import lorapro_jax as lp
+      >>> params = {"fc": lp.LoraPair(a=jnp.eye(3, 2), b=jnp.zeros((2, 3)), scale=1.0), "bias": jnp.zeros(3)}
+      >>> grads = {"fc": lp.LoraPair(a=jnp.zeros((3, 2)), b=jnp.ones((2, 3)), scale=1.0), "bias": jnp.ones(3)}
+      >>> tx = lp.lora_pro_adamw(1e-2, form="full")
+      >>> state = tx.init(params)
+      >>> state[0].mu["fc"].shape  # the full form keeps an (n, m) Adam moment per pair
+      (3, 3)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> print(params["bias"].round(4))  # a plain leaf gets plain AdamW: −η on the first step
+      [-0.01 -0.01 -0.01]
     """
     if form not in _FORMS:
         raise ValueError(f"form must be one of {_FORMS}, got {form!r}.")

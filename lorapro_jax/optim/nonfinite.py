@@ -218,6 +218,16 @@ def guard_nonfinite(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import lorapro_jax as lp
+      >>> tx = lp.guard_nonfinite(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)), "skip")
+      >>> params = {"w": jnp.ones(2)}
+      >>> updates, state = tx.update({"w": jnp.array([1.0, jnp.nan])}, tx.init(params))
+      >>> updates["w"].tolist(), int(lp.nonfinite_skips(state))  # zero updates, state kept, step counted
+      ([0.0, 0.0], 1)
     """
     mode = _check_mode(on_nonfinite, name or "guard_nonfinite")
     if max_consecutive_skips is not None and isinstance(max_consecutive_skips, (int, float)) and max_consecutive_skips < 0:
