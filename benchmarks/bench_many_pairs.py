@@ -85,9 +85,8 @@ METHODS: dict[str, Method] = {
         Method("adamw", lambda lr, cf: optax.adamw(lr), None),
         Method(
             "lora_pro_sgd",
-            lambda lr, cf: optax.chain(
-                lp.scale_by_lora_pro(on_nonfinite="raise" if cf else "ignore"),
-                optax.sgd(lr),
+            lambda lr, cf: lp.guard_nonfinite(
+                optax.chain(lp.scale_by_lora_pro(), optax.sgd(lr)), "raise" if cf else "ignore"
             ),
             1.5,
         ),

@@ -5,7 +5,8 @@ functions, float32), MSE loss. Each variant's train step (gradients, ``lora_pro_
 ``apply_updates``) is one ``jax.jit`` with params and optimizer state donated. Variants:
 
 * ``ignore``: no check (the reference of every ratio);
-* ``raise``: ``on_nonfinite="raise"``: on-device finiteness flags, host callback only in the failing
+* ``raise``: ``on_nonfinite="raise"`` (the alias applies :func:`lorapro_jax.guard_nonfinite` once around its
+  whole chain): on-device finiteness flags, host callback only in the failing
   branch of a ``lax.cond``;
 * ``skip``: ``on_nonfinite="skip"``: flags, ``jnp.where`` selects of updates and state, skip counters;
 * ``legacy``: the 0.1 behaviour, an unconditional ``jax.debug.callback`` with the flags every step.
@@ -41,7 +42,7 @@ VARIANTS = ("ignore", "raise", "skip", "legacy")
 
 
 def _legacy_check() -> optax.GradientTransformation:
-    """The per-step host check of lorapro_jax 0.1 (``check_finite_grads=True``), as a chain stage."""
+    """The per-step host check of lorapro_jax 0.1 (an unconditional host callback every step), as a chain stage."""
 
     def update(updates, state, params=None):
         check_finite(updates, "legacy")

@@ -98,7 +98,7 @@ METHODS: dict[str, Method] = {
             "lora_pro_sgd",
             "LoRA-Pro SGD form",
             True,
-            lambda lr, cf: optax.chain(scale_by_lora_pro(on_nonfinite="raise" if cf else "ignore"), optax.sgd(lr)),
+            lambda lr, cf: lp.guard_nonfinite(optax.chain(scale_by_lora_pro(), optax.sgd(lr)), "raise" if cf else "ignore"),
             "0",
         ),
         Method(

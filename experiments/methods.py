@@ -138,7 +138,7 @@ def with_traced_peak_lr(
 
 
 def _method_optimizer(args: argparse.Namespace, method: str) -> Callable[[Any], optax.GradientTransformation]:
-    """``lr -> optax optimizer`` of ``method``."""
+    """``lr -> optax optimizer`` of ``method``, unguarded: :func:`make_tx` guards the whole chain once."""
     wd = args.weight_decay
     if method == "lora-pro" and args.lora_pro_form == "sgd":
         if wd:
@@ -150,7 +150,7 @@ def _method_optimizer(args: argparse.Namespace, method: str) -> Callable[[Any], 
     if method == "lora-plus":
         from lorapro_jax.optim.lora_plus import lora_plus_adamw
 
-        return functools.partial(lora_plus_adamw, ratio=args.lora_plus_ratio, weight_decay=wd)
+        return functools.partial(lora_plus_adamw, ratio=args.lora_plus_ratio, weight_decay=wd, on_nonfinite="ignore")
     return functools.partial(optax.adamw, weight_decay=wd)
 
 
@@ -173,7 +173,8 @@ def make_tx(
         tx = with_traced_peak_lr(build, lr_shape(args.schedule, args.warmup_ratio, total), peak)
     if args.clip_norm and args.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(args.clip_norm), tx)
-    # --on-nonfinite guards the whole chain of every method (the LoRA-Pro aliases' own check is off above)
+    # The one non-finite guard, around everything: clipping, the traced peak lr's step count and the optimizer
+    # (so a skipped step leaves the schedule where it was); the aliases above are built with on_nonfinite="ignore".
     return lp.guard_nonfinite(tx, args.on_nonfinite, max_consecutive_skips=args.max_consecutive_skips, name=method)
 
 
@@ -242,7 +243,7 @@ def _setup_lora_ga(s: _Setup) -> None:
     spec = s.spec
     _, record = mod.apply_lora_ga(
         s.model, s.cfg, lambda m, b: batch_loss(m, b, spec), batches, rngs=s.rngs,
-        direction=s.args.lora_ga_direction, scale=s.args.lora_ga_scale, stable_gamma=s.args.lora_ga_gamma,
+        direction=s.args.lora_ga_direction, scale_mode=s.args.lora_ga_scale, stable_gamma=s.args.lora_ga_gamma,
     )
     s.model.train()
     s.state.lora_ga_record = record

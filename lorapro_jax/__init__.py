@@ -47,7 +47,7 @@ from .optim import (
     solve_sylvester_psd,
 )
 from .optim import lora_plus, lora_plus_adamw, scale_by_lora_plus
-from .optim import (  # on_nonfinite="raise" | "skip" | "ignore" (issue 10)
+from .optim import (  # what a step does with NaN/inf: guard_nonfinite(tx, "raise" | "skip" | "ignore")
     NonFiniteError,
     SkipNonfiniteState,
     guard_nonfinite,
@@ -65,8 +65,8 @@ from .rank import (
     prilora_prune,
     prilora_rank_schedule,
 )
-from .errors import CorruptFileError  # issue 10: bad files name the file
-# Foreign trees (qwix, flax nnx.LoRA, any tree with A and B as separate leaves): issue 9.
+from .errors import CorruptFileError  # raised for a corrupt or truncated file; the message names the file
+# Foreign trees (qwix, flax nnx.LoRA, any tree with A and B as separate leaves): pairings find A and B.
 from .lora import Pairing, PairPlan, name_pairing, nnx_lora_pairing, qwix_pairing
 from .optim import PairedState, paired
 from .interop import foreign_pairs, lora_ga_init_paired, peft_state_dict_paired, save_peft_adapter_paired

@@ -325,6 +325,21 @@ def save_adapters(
 
     Raises:
       ValueError: ``model`` has no LoRA layers.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import lorapro_jax as lp
+      >>> from lorapro_jax.checkpoint import restore_adapters, save_adapters
+      >>> config = lp.LoraConfig(rank=2, targets=["layers.0"])
+      >>> model = lp.apply_lora(nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0))), config, rngs=nnx.Rngs(1))
+      >>> other = lp.apply_lora(nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0))), config, rngs=nnx.Rngs(2))
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     path = save_adapters(os.path.join(d, "adapters"), model, config=config)
+      ...     meta = restore_adapters(path, other)
+      >>> sorted(meta["layers"]), bool(jnp.array_equal(other.layers[0].pair.a, model.layers[0].pair.a))
+      (['layers.0'], True)
     """
     sig = "save_adapters(path, model, config=...)"
     check_path(path, "path", "save_adapters", sig)

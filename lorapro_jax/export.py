@@ -462,6 +462,29 @@ def save_peft_adapter(
 
     Returns:
       The output directory.
+
+    Examples:
+      >>> import json, tempfile
+      >>> import numpy as np
+      >>> from flax import nnx
+      >>> from safetensors.numpy import load_file
+      >>> import lorapro_jax as lp
+      >>> from lorapro_jax.export import save_peft_adapter
+      >>> class MLP(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.fc = nnx.Linear(4, 3, rngs=rngs)
+      >>> config = lp.LoraConfig(rank=2, alpha=4.0, targets=["fc"])
+      >>> model = lp.apply_lora(MLP(nnx.Rngs(0)), config, rngs=nnx.Rngs(1))
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     out = save_peft_adapter(model, d, base_model_name_or_path="my-base", config=config)
+      ...     cfg = json.load(open(out / "adapter_config.json"))
+      ...     tensors = load_file(str(out / "adapter_model.safetensors"))
+      >>> cfg["r"], cfg["lora_alpha"], cfg["target_modules"]
+      (2, 4.0, ['fc'])
+      >>> {k: v.shape for k, v in sorted(tensors.items())}  # torch layout: lora_A (r, in), lora_B (out, r)
+      {'base_model.model.fc.lora_A.weight': (2, 4), 'base_model.model.fc.lora_B.weight': (3, 2)}
+      >>> bool(np.array_equal(tensors["base_model.model.fc.lora_A.weight"], np.asarray(model.fc.pair.a).T))
+      True
     """
     sig = "save_peft_adapter(model, out_dir, base_model_name_or_path=...)"
     check_module(model, "model", "save_peft_adapter", sig)

@@ -57,11 +57,11 @@ def lora_ga_init_paired(
     pairing: Pairing,
     *,
     direction: str = "ArB2r",
-    scale: str = "stable",
+    scale_mode: str = "stable",
     stable_gamma: float = 16.0,
     svd: str = "randomized",
     n_iter: int = 4,
-    rng: Any = None,
+    key: Any = None,
 ) -> tuple[Any, dict[str, LoraPair]]:
     """LoRA-GA initialisation of the pairs of a foreign tree (what :func:`~lorapro_jax.lora_ga_init` does in place).
 
@@ -69,7 +69,7 @@ def lora_ga_init_paired(
     to the base kernels): ``(A0, B0)`` from :func:`~lorapro_jax.init.lora_ga.lora_ga_factors` with the pair's
     rank and scale, written as ``a = A0ᵀ``, ``b = B0ᵀ``, and the base kernel set to ``W0 − s a b`` (computed in
     at least float32), so the model's output is unchanged up to rounding. Layer ``i`` of ``grads`` uses
-    ``fold_in(rng, i)``, as ``lora_ga_init`` does.
+    ``fold_in(key, i)``, as ``lora_ga_init`` does.
 
     Supported where the base kernel is a floating-point leaf of ``params`` at ``pairing.kernel_path(layer)`` with
     the shape ``(*in, *out)`` of the pair (qwix Linear / Einsum with its contracting axes first, ``nnx.LoRALinear``,
@@ -80,18 +80,18 @@ def lora_ga_init_paired(
       params: the full tree (factors and base kernels), e.g. ``nnx.as_pure(nnx.state(model))``.
       grads: ``{layer name: dL/dW0}`` (layer names as in ``pairing.plan(params).pairs``).
       pairing: the tree's pairing.
-      direction, scale, stable_gamma, svd, n_iter, rng: as in :func:`~lorapro_jax.lora_ga_init`.
+      direction, scale_mode, stable_gamma, svd, n_iter, key: as in :func:`~lorapro_jax.lora_ga_init`.
 
     Returns:
       ``(new_params, record)``: the tree with new factors and kernels (apply it with ``nnx.update(model,
       new_params)``) and ``{layer: LoraPair(a0, b0, s)}``, the initial adapters.
     """
-    _check_options(direction, scale, svd, stable_gamma)
+    _check_options(direction, scale_mode, svd, stable_gamma)
     plan = pairing.plan(params)
     paths, leaves, treedef = _flatten(params)
     leaves = [_unwrap(x) for x in leaves]
     specs = plan.pair_by_name()
-    key = _as_key(rng)
+    key = _as_key(key)
     record: dict[str, LoraPair] = {}
     for i, (name, grad) in enumerate(grads.items()):
         spec = specs.get(name)
@@ -119,7 +119,7 @@ def lora_ga_init_paired(
             raise ValueError(f"lora_ga_init_paired: the gradient of {name!r} is non-finite or identically zero.")
         try:
             a0, b0 = lora_ga_factors(
-                g.reshape(n, -1).T, r, spec.scale, direction=direction, scale_mode=scale,
+                g.reshape(n, -1).T, r, spec.scale, direction=direction, scale_mode=scale_mode,
                 stable_gamma=stable_gamma, svd=svd, n_iter=n_iter, key=jax.random.fold_in(key, i),
             )
         except ValueError as e:

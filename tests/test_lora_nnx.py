@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -224,6 +225,43 @@ def test_only_lora_params_are_trained():
     np.testing.assert_array_equal(np.asarray(m.fc1.base.kernel[...]), k0)
     np.testing.assert_array_equal(np.asarray(m.head.kernel[...]), head0)
     assert not np.allclose(np.asarray(m.fc1.pair.b), np.asarray(p0.b))
+
+
+def _tiny_adapted():
+    m = nnx.Sequential(nnx.Linear(5, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 3, rngs=nnx.Rngs(2)))
+    lp.apply_lora(m, lp.LoraConfig(rank=2, targets=["layers.0", "layers.1"]), rngs=nnx.Rngs(1))
+    for layer in lp.lora_layers(m).values():
+        layer.lora.set_value(layer.pair.replace(b=jnp.full(layer.pair.b.shape, 0.5)))
+    return m
+
+
+def test_flax_lora_param_filter_selects_native_adapters():
+    # lp.LoRAParam subclasses flax's nnx.LoRAParam: one filter serves native, nnx.LoRA and qwix trees.
+    assert issubclass(lp.LoRAParam, nnx.LoRAParam) and issubclass(lp.LoRAParam, nnx.Param)
+    m = _tiny_adapted()
+    native = nnx.to_flat_state(nnx.state(m, lp.LoRAParam))
+    flax_ = nnx.to_flat_state(nnx.state(m, nnx.LoRAParam))
+    assert [p for p, _ in native] == [p for p, _ in flax_] == [("layers", 0, "lora"), ("layers", 1, "lora")]
+    assert all(isinstance(v.get_value(), lp.LoraPair) for _, v in flax_)
+    # beside a flax nnx.LoRALinear: nnx.LoRAParam picks both kinds, lp.LoRAParam only the native ones
+    m.extra = nnx.LoRALinear(3, 3, lora_rank=2, rngs=nnx.Rngs(4))
+    paths = lambda f: sorted(p for p, _ in nnx.to_flat_state(nnx.state(m, f)))
+    assert paths(nnx.LoRAParam) == sorted(paths(lp.LoRAParam) + [("extra", "lora", "lora_a"), ("extra", "lora", "lora_b")])
+    assert ("extra", "lora", "lora_a") not in paths(lp.LoRAParam)
+    # training with wrt=nnx.LoRAParam is training with wrt=lp.LoRAParam: same leaves move, kernels stay
+    x = jax.random.normal(jax.random.key(3), (4, 5))
+    results = []
+    for wrt in (lp.LoRAParam, nnx.LoRAParam):
+        tiny = _tiny_adapted()
+        kernels = [np.asarray(layer.base.kernel[...]) for layer in lp.lora_layers(tiny).values()]
+        b0 = np.asarray(tiny.layers[0].pair.b)
+        opt = nnx.Optimizer(tiny, optax.sgd(0.1), wrt=wrt)
+        opt.update(tiny, nnx.grad(lambda m: jnp.mean(m(x) ** 2), argnums=nnx.DiffState(0, wrt))(tiny))
+        for layer, k0 in zip(lp.lora_layers(tiny).values(), kernels):
+            np.testing.assert_array_equal(np.asarray(layer.base.kernel[...]), k0)
+        assert not np.array_equal(np.asarray(tiny.layers[0].pair.b), b0)
+        results.append(jax.tree.map(np.asarray, nnx.state(tiny, nnx.LoRAParam)))
+    jax.tree.map(np.testing.assert_array_equal, results[0], results[1])
 
 
 def test_decay_base_weights_scales_kernels_and_refuses_merged_layers():

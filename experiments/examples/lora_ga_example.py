@@ -106,7 +106,7 @@ def main():
     ga = MLP(rngs=nnx.Rngs(0))
     original = {i: np.asarray(layer.kernel[...]) for i, layer in enumerate(ga.layers)}
     grad_batches = batches_of(data, 8, seed=1)[:8]  # the paper's default: 8 batches
-    ga, record = apply_lora_ga(ga, config, mse, grad_batches, rngs=nnx.Rngs(1), direction="ArB2r", scale="stable")
+    ga, record = apply_lora_ga(ga, config, mse, grad_batches, rngs=nnx.Rngs(1), direction="ArB2r", scale_mode="stable")
     h_ga = train(ga, tx, data, val, steps=args.steps, log_every=log)
 
     print(f"val MSE of the base model (no adapter): {h_lora[0][1]:.4f}")

@@ -17,7 +17,7 @@ Algorithm. With ``G = U diag(σ) Vᵀ`` (top ``2r`` triplets, exact or randomise
     "A2rBr":           A0 = Vᵀ[r:2r],      B0 = U[:, 0:r]
     "random":          a random split of {0, ..., 2r − 1} into I_A and I_B
 
-and both factors are multiplied by ``c``: ``"stable"`` ``c = m^(1/4) / sqrt(γ)``, ``"gd"`` ``c = 1/s``,
+and both factors are multiplied by ``c`` (``scale_mode``): ``"stable"`` ``c = m^(1/4) / sqrt(γ)``, ``"gd"`` ``c = 1/s``,
 ``"unit"`` ``c = 1``. The base weight becomes ``W0' = W0 − s B0 A0`` (fp32) so the model is unchanged.
 
 First-step property (Theorem 3.1 of the paper, exact statement tested in ``tests/init``): one SGD
@@ -25,7 +25,7 @@ step of size ``η`` on ``A, B`` from this init, with the gradient ``G`` used for
 equivalent weight by ``ΔW = s (B1 A1 − B0 A0) = −η s² (B0 B0ᵀ G + G A0ᵀ A0) + O(η²)`` and, since
 ``B0 B0ᵀ G + G A0ᵀ A0 = c² Σ_{i < 2r} σ_i u_i v_iᵀ = c² G_{2r}`` for every direction,
 
-    lim_{η→0} ΔW / η = −s² c² G_{2r}   (= −G_{2r} with scale="gd": projected full gradient descent).
+    lim_{η→0} ΔW / η = −s² c² G_{2r}   (= −G_{2r} with scale_mode="gd": projected full gradient descent).
 
 The paper pairs this with rsLoRA (``s = α / sqrt(r)``, ``LoraConfig(rslora=True)``); the scale ``s`` is
 always the pair's own ``scale`` (i.e. ``config.scale_for(rank)`` of that layer).
@@ -74,21 +74,21 @@ _DIRECTIONS = ("ArB2r", "ArBr", "A2rBr", "random")
 _SCALES = ("stable", "gd", "unit")
 
 
-def _check_options(direction: str, scale: str, svd: str, stable_gamma: float) -> None:
+def _check_options(direction: str, scale_mode: str, svd: str, stable_gamma: float) -> None:
     if direction not in _DIRECTIONS:
         raise ValueError(f"LoRA-GA direction must be one of {_DIRECTIONS}, got {direction!r}.")
-    if scale not in _SCALES:
-        raise ValueError(f"LoRA-GA scale must be one of {_SCALES}, got {scale!r}.")
+    if scale_mode not in _SCALES:
+        raise ValueError(f"LoRA-GA scale_mode must be one of {_SCALES}, got {scale_mode!r}.")
     if svd not in ("full", "randomized"):
         raise ValueError(f"LoRA-GA svd must be 'full' or 'randomized', got {svd!r}.")
     if not stable_gamma > 0:
         raise ValueError(f"LoRA-GA stable_gamma must be positive, got {stable_gamma!r}.")
 
 
-def _scale_factor(scale: str, m: int, s: float, stable_gamma: float) -> float:
-    if scale == "stable":
+def _scale_factor(scale_mode: str, m: int, s: float, stable_gamma: float) -> float:
+    if scale_mode == "stable":
         return m**0.25 / math.sqrt(stable_gamma)
-    if scale == "gd":
+    if scale_mode == "gd":
         return 1.0 / s
     return 1.0
 
@@ -171,14 +171,14 @@ def lora_ga_factors(
     )
 
 
-def _as_key(rng: Any) -> jax.Array:
-    if rng is None:
+def _as_key(key: Any) -> jax.Array:
+    if key is None:
         return jax.random.key(0)
-    if isinstance(rng, int):
-        return jax.random.key(rng)
-    if isinstance(rng, nnx.Rngs):
-        return rng.params()
-    return rng
+    if isinstance(key, int):
+        return jax.random.key(key)
+    if isinstance(key, nnx.Rngs):
+        return key.params()
+    return key
 
 
 def lora_ga_init(
@@ -186,11 +186,11 @@ def lora_ga_init(
     grads: Mapping[str, Any],
     *,
     direction: Direction = "ArB2r",
-    scale: ScaleMode = "stable",
+    scale_mode: ScaleMode = "stable",
     stable_gamma: float = 16.0,
     svd: SvdMethod = "randomized",
     n_iter: int = 4,
-    rng: jax.Array | int | nnx.Rngs | None = None,
+    key: jax.Array | int | nnx.Rngs | None = None,
 ) -> dict[str, LoraPair]:
     """Initialises every LoRA layer named in ``grads`` with LoRA-GA, in place (arXiv 2407.05000).
 
@@ -204,10 +204,10 @@ def lora_ga_init(
     Args:
       model: an NNX model adapted with :func:`lorapro_jax.apply_lora` (not merged).
       grads: ``{dotted path: dL/dW0}`` in each base kernel's shape.
-      direction, scale, stable_gamma, svd, n_iter: see :func:`lora_ga_factors` (``scale`` there is
-        ``scale_mode``).
-      rng: PRNG key / int seed / ``nnx.Rngs`` (its ``params`` stream) for the randomised SVD and the
-        ``"random"`` direction; ``None`` means ``key(0)``. Layer ``i`` uses ``fold_in(rng, i)``.
+      direction, scale_mode, stable_gamma, svd, n_iter: see :func:`lora_ga_factors` (``scale_mode`` picks
+        the factor ``c``; the LoRA scale ``s`` itself is each layer's own).
+      key: PRNG key / int seed / ``nnx.Rngs`` (its ``params`` stream) for the randomised SVD and the
+        ``"random"`` direction; ``None`` means ``key(0)``. Layer ``i`` uses ``fold_in(key, i)``.
 
     Returns:
       ``{path: LoraPair(a0, b0, s)}``: the initial adapter actually added (mask and gate folded into
@@ -217,9 +217,9 @@ def lora_ga_init(
       ValueError: unknown path, merged layer, gradient of the wrong shape, non-finite or identically
         zero gradient, ``2 r > min(m, n)``, bad options.
     """
-    _check_options(direction, scale, svd, stable_gamma)
+    _check_options(direction, scale_mode, svd, stable_gamma)
     layers = lora_layers(model)
-    key = _as_key(rng)
+    key = _as_key(key)
     record: dict[str, LoraPair] = {}
     for i, (path, grad) in enumerate(grads.items()):
         layer = layers.get(path)
@@ -229,7 +229,7 @@ def lora_ga_init(
             raise ValueError(f"lora_ga_init: LoRA layer {path!r} is merged; unmerge it first.")
         g = paper_gradient(layer, grad)  # (*stack, m, n): one G per slice of a stacked layer
         a, b = _lora_ga_pair(path, layer, g, jax.random.fold_in(key, i), dict(
-            direction=direction, scale_mode=scale, stable_gamma=stable_gamma, svd=svd, n_iter=n_iter))
+            direction=direction, scale_mode=scale_mode, stable_gamma=stable_gamma, svd=svd, n_iter=n_iter))
         layer.lora.set_value(layer.pair.replace(a=a, b=b))
         init = layer.effective_pair()  # what the forward pass adds: s (a ⊙ mask ⊙ gate) b
         kernel = layer.base.kernel
@@ -352,7 +352,7 @@ def apply_lora_ga(
     *,
     rngs: nnx.Rngs,
     direction: Direction = "ArB2r",
-    scale: ScaleMode = "stable",
+    scale_mode: ScaleMode = "stable",
     stable_gamma: float = 16.0,
     svd: SvdMethod = "randomized",
     n_iter: int = 4,
@@ -368,19 +368,50 @@ def apply_lora_ga(
     (``params`` / ``dropout`` streams) and then seeds the randomised SVD (one more ``params`` key).
     ``targets`` restricts LoRA-GA to some of the adapted layers (the others keep the config's init).
 
+    Args:
+      model, config: as in :func:`~lorapro_jax.apply_lora`.
+      loss_fn: ``loss_fn(model, batch) -> scalar``, differentiated with respect to the base kernels.
+      batches: the batches (or a function returning an iterable of them) whose mean gradient is ``G``.
+      rngs: see above.
+      direction, scale_mode, stable_gamma, svd, n_iter: see :func:`lora_ga_factors`.
+      layer_by_layer, mesh, batch_axis, data_parallel, targets: see
+        :func:`~lorapro_jax.init.estimate_full_gradients`.
+
     Returns:
       ``(model, record)``: the model (adapted in place) and the :func:`lora_ga_init` record.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import lorapro_jax as lp
+      >>> class MLP(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.fc = nnx.Linear(4, 3, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.fc(x)
+      >>> def loss_fn(model, batch):
+      ...     x, y = batch
+      ...     return jnp.mean((model(x) - y) ** 2)
+      >>> x, y = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4), jnp.ones((2, 3))
+      >>> model = MLP(nnx.Rngs(0))
+      >>> before = model(x)
+      >>> model, record = lp.apply_lora_ga(model, lp.LoraConfig(rank=1, alpha=1.0, targets=["fc"]), loss_fn,
+      ...                                  [(x, y)], rngs=nnx.Rngs(1), svd="full")
+      >>> record["fc"].a.shape, record["fc"].b.shape  # A0ᵀ, B0ᵀ from the SVD of the gradient
+      ((4, 1), (1, 3))
+      >>> bool(jnp.allclose(model(x), before, atol=1e-5))  # W0 − s B0 A0 + s B0 A0: output unchanged
+      True
     """
     check_module(model, "model", "apply_lora_ga", "apply_lora_ga(model, config, loss_fn, batches, rngs=...)")
     check_config(config, "apply_lora_ga")
-    _check_options(direction, scale, svd, stable_gamma)
+    _check_options(direction, scale_mode, svd, stable_gamma)
     apply_lora(model, config, rngs=rngs)
     grads = estimate_full_gradients(
         model, loss_fn, batches, targets=targets, layer_by_layer=layer_by_layer, mesh=mesh,
         batch_axis=batch_axis, data_parallel=data_parallel,
     )
     record = lora_ga_init(
-        model, grads, direction=direction, scale=scale, stable_gamma=stable_gamma, svd=svd, n_iter=n_iter,
-        rng=rngs.params(),
+        model, grads, direction=direction, scale_mode=scale_mode, stable_gamma=stable_gamma, svd=svd, n_iter=n_iter,
+        key=rngs.params(),
     )
     return model, record

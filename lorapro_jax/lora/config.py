@@ -37,6 +37,16 @@ class LoraConfig:
       track_input_norm: keep an EMA of the per-feature L2 norm of each adapted layer's input
         (``||x_j||`` over the batch), updated in the forward pass when the layer is not deterministic.
       input_norm_decay: EMA decay for ``track_input_norm``.
+
+    Examples:
+      >>> import lorapro_jax as lp
+      >>> config = lp.LoraConfig(rank=4, alpha=8.0, targets=["query", "value"])
+      >>> config.matches("encoder.layer.0.attention.query"), config.matches("encoder.layer.0.attention.key")
+      (True, False)
+      >>> config.scale_for(4)  # alpha / r
+      2.0
+      >>> lp.LoraConfig(rank=4, alpha=8.0, rslora=True).scale_for(4)  # alpha / sqrt(r)
+      4.0
     """
 
     rank: int = 8

@@ -21,39 +21,40 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-__all__ = ["KernelSpec", "kernel_spec_for"]
+__all__ = ["KernelSpec", "LinearSpec", "GeneralSpec", "EinsumSpec", "kernel_spec_for"]
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
     """Static description of how a base layer's kernel maps its input to its output.
 
+    One subclass per kind of layer (:class:`LinearSpec`, :class:`GeneralSpec`, :class:`EinsumSpec`) holds
+    the kind's own behaviour: the LoRA branch's contractions (:meth:`lora_branch`), the per-feature input
+    norms (:meth:`input_norms`) and the kernel's axis order (:meth:`to_kernel` / :meth:`from_kernel`), so a
+    layer never branches on the kind.
+
     Attributes:
-      kind: ``"linear"``, ``"general"`` or ``"einsum"``.
       in_shape: kernel axes contracted with the input (``n = prod(in_shape)``).
       out_shape: kernel axes that appear in the output (``m = prod(out_shape)``).
-      axis: for ``"general"``: the input axes contracted (as given to ``nnx.LinearGeneral``).
-      einsum: for ``"einsum"``: ``(x_spec, kernel_spec, y_spec, in_letters, out_letters)``.
       batch_shape: the module's own batch axes (``nnx.LinearGeneral`` ``batch_axis`` sizes, or the
         sizes of ``nnx.Einsum`` kernel letters shared by input and output); ``()`` for none.
-      batch_letters: for ``"einsum"``: the batch letters, in kernel order.
       layer_shape: the layer (``nnx.vmap``) axes the kernel had when the layer was adapted; informative
         only (inside ``nnx.scan`` the same spec describes the per-layer slice).
+      kind: ``"linear"``, ``"general"`` or ``"einsum"`` (a class attribute, e.g. for metadata).
     """
 
-    kind: str
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    axis: tuple[int, ...] = ()
-    einsum: tuple[str, str, str, str, str] | None = None
     batch_shape: tuple[int, ...] = ()
-    batch_letters: str = ""
     layer_shape: tuple[int, ...] = ()
+    kind: ClassVar[str] = ""
 
     @property
     def n(self) -> int:
@@ -73,19 +74,110 @@ class KernelSpec:
 
         ``stack`` is ``(*layers, *batch)``; ``layers`` may be empty (an unstacked or a scanned slice).
         """
-        full = mat.reshape(mat.shape[:-2] + self.in_shape + self.out_shape)
-        if self.kind != "einsum":
-            return full
-        _, k, _, ins, outs = self.einsum
-        return jnp.einsum(f"...{self.batch_letters}{ins}{outs}->...{k}", full)
+        return mat.reshape(mat.shape[:-2] + self.in_shape + self.out_shape)
 
     def from_kernel(self, kernel: Array) -> Float[Array, "*stack n m"]:
         """Inverse of :meth:`to_kernel`: the base kernel as ``(*layers, *batch, n, m)`` matrices."""
-        if self.kind == "einsum":
-            _, k, _, ins, outs = self.einsum
-            kernel = jnp.einsum(f"...{k}->...{self.batch_letters}{ins}{outs}", kernel)
         lead = kernel.shape[: kernel.ndim - self.matrix_ndim]
         return kernel.reshape(lead + self.batch_shape + (self.n, self.m))
+
+    def lora_branch(
+        self, x: Array, a: Float[Array, "*batch *in r"], gate: Float[Array, "*batch r"], b: Float[Array, "*batch r *out"]
+    ) -> Array:
+        """``((x · a) * gate) · b`` contracted as the base layer contracts ``x`` with its kernel (unscaled).
+
+        ``a``, ``gate`` and ``b`` carry the module's batch axes only (no layer axes): one layer's slice.
+        """
+        raise NotImplementedError(f"{type(self).__name__}.lora_branch")
+
+    def input_norms(self, x: Array) -> Float[Array, "*batch *in"]:
+        """Float32 L2 norm of each input feature of ``x`` over every other axis, shaped ``(*batch, *in)``."""
+        raise NotImplementedError(f"{type(self).__name__}.input_norms")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSpec(KernelSpec):
+    """``nnx.Linear``: kernel ``(in, out)``, ``y = x @ kernel`` over the last input axis."""
+
+    kind: ClassVar[str] = "linear"
+
+    def lora_branch(self, x, a, gate, b):
+        return ((x @ a) * gate) @ b
+
+    def input_norms(self, x):
+        return _norms(x, tuple(range(x.ndim - 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneralSpec(KernelSpec):
+    """``nnx.LinearGeneral``: kernel ``(*batch, *in, *out)``; ``axis`` are the input axes contracted.
+
+    Its batch axes are the leading input axes (as ``nnx.LinearGeneral`` requires).
+    """
+
+    axis: tuple[int, ...] = ()
+    kind: ClassVar[str] = "general"
+
+    def lora_branch(self, x, a, gate, b):
+        axes = tuple(ax % x.ndim for ax in self.axis)
+        nb = len(self.batch_shape)
+        if not nb:
+            h = jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))))
+            return jnp.tensordot(h * gate, b, axes=1)
+        bat = tuple(range(nb))
+        h = jax.lax.dot_general(x, a, ((axes, tuple(range(nb, nb + len(axes)))), (bat, bat)))
+        h = h * gate.reshape(gate.shape[:-1] + (1,) * (h.ndim - nb - 1) + gate.shape[-1:])
+        return jax.lax.dot_general(h, b, (((h.ndim - 1,), (nb,)), (bat, bat)))
+
+    def input_norms(self, x):
+        kept = {ax % x.ndim for ax in self.axis} | set(range(len(self.batch_shape)))
+        norms = _norms(x, tuple(i for i in range(x.ndim) if i not in kept))
+        return norms.reshape(self.batch_shape + self.in_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class EinsumSpec(KernelSpec):
+    """``nnx.Einsum``: any kernel axis order; letters shared by input and output are batch axes.
+
+    Attributes:
+      einsum: ``(x_spec, kernel_spec, y_spec, in_letters, out_letters)`` of the module's equation.
+      batch_letters: the batch letters, in kernel order.
+    """
+
+    einsum: tuple[str, str, str, str, str] = ("", "", "", "", "")
+    batch_letters: str = ""
+    kind: ClassVar[str] = "einsum"
+
+    def to_kernel(self, mat):
+        full = super().to_kernel(mat)
+        _, k, _, ins, outs = self.einsum
+        return jnp.einsum(f"...{self.batch_letters}{ins}{outs}->...{k}", full)
+
+    def from_kernel(self, kernel):
+        _, k, _, ins, outs = self.einsum
+        return super().from_kernel(jnp.einsum(f"...{k}->...{self.batch_letters}{ins}{outs}", kernel))
+
+    def lora_branch(self, x, a, gate, b):
+        xs, _, ys, ins, outs = self.einsum
+        bl = self.batch_letters
+        rest = "".join(c for c in xs if c in ys or c == ".")
+        h = jnp.einsum(f"{xs},{bl}{ins}Z->{rest}Z", x, a)
+        h = jnp.einsum(f"{rest}Z,{bl}Z->{rest}Z", h, gate) if bl else h * gate
+        return jnp.einsum(f"{rest}Z,{bl}Z{outs}->{ys}", h, b)
+
+    def input_norms(self, x):
+        xs, _, _, ins, _ = self.einsum
+        keep = ins + self.batch_letters
+        named = xs.replace(".", "")
+        lead = x.ndim - len(named)  # leading ellipsis axes (0 without one): always reduced
+        axes = tuple(range(lead)) + tuple(lead + i for i, c in enumerate(named) if c not in keep)
+        order = [c for c in named if c in keep]
+        norms = jnp.transpose(_norms(x, axes), [order.index(c) for c in self.batch_letters + ins])
+        return norms.reshape(self.batch_shape + self.in_shape)
+
+
+def _norms(x: Array, axes: tuple[int, ...]) -> Array:
+    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes))
 
 
 def _parse_einsum(path: str, eq: str, kshape: tuple[int, ...]) -> tuple:
@@ -135,14 +227,12 @@ def kernel_spec_for(path: str, module: nnx.Module) -> KernelSpec:
     if isinstance(module, nnx.Linear):
         own = (int(module.in_features), int(module.out_features))
         layers = _layer_axes(path, module, kshape, own, "in_features/out_features")
-        return KernelSpec("linear", own[:1], own[1:], layer_shape=layers)
+        return LinearSpec(own[:1], own[1:], layer_shape=layers)
     if isinstance(module, nnx.LinearGeneral):
         batch = tuple(int(v) for v in module.batch_axis.values())
         ins, outs = tuple(module.in_features), tuple(module.out_features)
         layers = _layer_axes(path, module, kshape, batch + ins + outs, "batch_axis/in_features/out_features")
-        return KernelSpec(
-            "general", ins, outs, axis=tuple(module.axis), batch_shape=batch, layer_shape=layers
-        )
+        return GeneralSpec(ins, outs, axis=tuple(module.axis), batch_shape=batch, layer_shape=layers)
     if isinstance(module, nnx.Einsum):
         eq = module.einsum_str.replace(" ", "")
         own = tuple(module.kernel_shape)
@@ -151,8 +241,7 @@ def kernel_spec_for(path: str, module: nnx.Module) -> KernelSpec:
         if len(k) != len(own):
             raise ValueError(f"LoRA target {path!r}: einsum {eq!r} kernel spec {k!r} does not fit kernel_shape {own}.")
         size = dict(zip(k, own))
-        return KernelSpec(
-            "einsum",
+        return EinsumSpec(
             tuple(size[c] for c in ins),
             tuple(size[c] for c in outs),
             einsum=(x, k, y, ins, outs),

@@ -5,7 +5,8 @@
 without ever materialising ``W0 + s * a @ b`` in the forward pass. The factors live in a single
 :class:`LoRAParam` whose value is a :class:`~lorapro_jax.lora.pairing.LoraPair`, so
 ``nnx.state(model, LoRAParam)`` is the explicit A/B pairing that the optimizers consume, and
-``nnx.Optimizer(model, tx, wrt=LoRAParam)`` trains only the adapters.
+``nnx.Optimizer(model, tx, wrt=LoRAParam)`` (or ``wrt=nnx.LoRAParam``, its flax base class) trains only the
+adapters.
 
 Reference: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685.
 """
@@ -44,8 +45,13 @@ __all__ = [
 ]
 
 
-class LoRAParam(nnx.Param):
-    """Trainable LoRA factors. Its value is a :class:`LoraPair` ``(a, b, scale)``."""
+class LoRAParam(nnx.LoRAParam):
+    """Trainable LoRA factors. Its value is a :class:`LoraPair` ``(a, b, scale)``.
+
+    A subclass of ``flax.nnx.LoRAParam`` (the type of ``nnx.LoRA`` and qwix factors), so one filter,
+    ``wrt=nnx.LoRAParam``, selects the adapters of native, ``nnx.LoRA`` and qwix trees alike;
+    ``wrt=lorapro_jax.LoRAParam`` selects only the native ones.
+    """
 
 
 class LoRAGate(nnx.Variable):
@@ -63,10 +69,6 @@ class LoRAStat(nnx.Variable):
 _ADAPTABLE = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 # Leaf modules with weights that LoRA does not adapt; matching one of them is an error, not a skip.
 _UNSUPPORTED = (nnx.Embed, nnx.Conv, nnx.ConvTranspose)
-
-
-def _spec_for(path: str, module: nnx.Module) -> KernelSpec:
-    return kernel_spec_for(path, module)
 
 
 class LoRALayer(nnx.Module):
@@ -170,51 +172,13 @@ class LoRALayer(nnx.Module):
     def _lora_branch(self, x: Array) -> Array:
         p = self.pair
         a = p.a if self.a_mask is None else p.a * self.a_mask[...]
-        gate = self.gate[...]
         dtype = x.dtype
-        a, b, gate = a.astype(dtype), p.b.astype(dtype), gate.astype(dtype)
-        spec = self.spec
-        nb = len(spec.batch_shape)
-        if spec.kind == "linear":
-            h = x @ a
-            return p.scale * ((h * gate) @ b)
-        if spec.kind == "general":
-            axes = tuple(ax % x.ndim for ax in spec.axis)
-            if not nb:
-                h = jnp.tensordot(x, a, axes=(axes, tuple(range(len(axes)))))
-                return p.scale * jnp.tensordot(h * gate, b, axes=1)
-            bat = tuple(range(nb))  # LinearGeneral's batch axes are the leading input axes
-            h = jax.lax.dot_general(x, a, ((axes, tuple(range(nb, nb + len(axes)))), (bat, bat)))
-            h = h * gate.reshape(gate.shape[:-1] + (1,) * (h.ndim - nb - 1) + gate.shape[-1:])
-            return p.scale * jax.lax.dot_general(h, b, (((h.ndim - 1,), (nb,)), (bat, bat)))
-        xs, _, ys, ins, outs = spec.einsum
-        bl = spec.batch_letters
-        rest = "".join(c for c in xs if c in ys or c == ".")
-        h = jnp.einsum(f"{xs},{bl}{ins}Z->{rest}Z", x, a)
-        h = jnp.einsum(f"{rest}Z,{bl}Z->{rest}Z", h, gate) if bl else h * gate
-        return p.scale * jnp.einsum(f"{rest}Z,{bl}Z{outs}->{ys}", h, b)
+        a, b, gate = a.astype(dtype), p.b.astype(dtype), self.gate[...].astype(dtype)
+        return p.scale * self.spec.lora_branch(x, a, gate, b)
 
     def _track_input_norm(self, x: Array) -> None:
-        spec = self.spec
-        nb = len(spec.batch_shape)
-        if spec.kind == "linear":
-            axes = tuple(range(x.ndim - 1))
-        elif spec.kind == "general":
-            kept = {ax % x.ndim for ax in spec.axis} | set(range(nb))
-            axes = tuple(i for i in range(x.ndim) if i not in kept)
-        else:
-            xs, _, _, ins, _ = spec.einsum
-            keep = ins + spec.batch_letters
-            named = xs.replace(".", "")
-            lead = x.ndim - len(named)  # leading ellipsis axes (0 without one): always reduced
-            axes = tuple(range(lead)) + tuple(lead + i for i, c in enumerate(named) if c not in keep)
-            order = [c for c in named if c in keep]
-        norms = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes))
-        if spec.kind == "einsum":
-            perm = [order.index(c) for c in spec.batch_letters + spec.einsum[3]]
-            norms = jnp.transpose(norms, perm)
         d = self.input_norm_decay
-        self.input_norm[...] = d * self.input_norm[...] + (1.0 - d) * norms.reshape(spec.batch_shape + spec.in_shape)
+        self.input_norm[...] = d * self.input_norm[...] + (1.0 - d) * self.spec.input_norms(x)
 
     def __call__(self, x: Array, *args, **kwargs) -> Array:
         if self.layer_ndim:
@@ -278,6 +242,22 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.
     Returns:
       The same model object, adapted.
 
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import lorapro_jax as lp
+      >>> class MLP(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.fc = nnx.Linear(4, 3, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.fc(x)
+      >>> model = lp.apply_lora(MLP(nnx.Rngs(0)), lp.LoraConfig(rank=2, targets=["fc"]), rngs=nnx.Rngs(1))
+      >>> list(lp.lora_layers(model)), model.fc.pair.a.shape, model.fc.pair.b.shape
+      (['fc'], (4, 2), (2, 3))
+      >>> x = jnp.ones((1, 4))
+      >>> bool(jnp.array_equal(model(x), model.fc.base(x)))  # B starts at zero: the output is unchanged
+      True
+
     Raises:
       TypeError: ``model`` is not an ``nnx.Module`` or ``config`` not a :class:`LoraConfig`.
       ValueError: a target matches no adaptable layer (the message lists the adaptable paths), a
@@ -323,7 +303,7 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.
     dtype = jnp.dtype(config.param_dtype)
     for path, m in chosen:
         ps = _path_str(path)
-        spec = _spec_for(ps, m)
+        spec = kernel_spec_for(ps, m)
         r = config.rank_for(ps)
         layer = LoRALayer(
             m,

@@ -55,6 +55,19 @@ class LoraPair:
     same static fields, so optax transformations that map over leaves treat ``a`` and ``b`` as ordinary
     leaves while LoRA-aware transformations match whole pairs with :func:`is_lora_pair`. Build derived
     pairs with :meth:`replace` so that the static fields carry over.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import lorapro_jax as lp
+      >>> pair = lp.LoraPair(a=jnp.ones((3, 2)), b=jnp.ones((2, 4)), scale=0.5)  # n = 3, r = 2, m = 4
+      >>> pair.rank, pair.kernel_shape
+      (2, (3, 4))
+      >>> pair.delta()  # s · a @ b, in the base kernel's (in, out) shape
+      Array([[1., 1., 1., 1.],
+             [1., 1., 1., 1.],
+             [1., 1., 1., 1.]], dtype=float32)
+      >>> pair.replace(b=jnp.zeros((2, 4))).scale  # static fields carry over
+      0.5
     """
 
     a: Any

@@ -41,7 +41,6 @@ from jaxtyping import Array, Float, Int
 from ._grouping import PairRecord, map_groups, pair_mats, pair_update, stack
 from ._tree import Packed, map_pairs, require_params, unzip_packed
 from .closed_form import XMode, bias_correction, check_x_mode, closed_form, grams
-from .nonfinite import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonfiniteMode, guard_nonfinite, resolve_on_nonfinite
 
 __all__ = ["LeanMoments", "ScaleByLoraProLeanState", "scale_by_lora_pro_lean", "truncated_sum"]
 
@@ -154,9 +153,6 @@ def scale_by_lora_pro_lean(
     x_mode: XMode = "sylvester",
     eps_row: float = 1e-30,
     mu_dtype: Any = None,
-    check_finite_grads: bool | None = None,
-    on_nonfinite: NonfiniteMode = "raise",
-    max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
 ) -> optax.GradientTransformation:
     """LoRA-Pro AdamW direction from factored moments (see the module docstring).
 
@@ -167,14 +163,12 @@ def scale_by_lora_pro_lean(
       eps_row: added to the row/column sums before the division (Adafactor's ``ε₁``).
       mu_dtype: storage dtype of all moments (factors and sums; computed in at least float32); default:
         the parameter dtype promoted to at least float32 for pairs, the leaf dtype for other leaves.
-      check_finite_grads, on_nonfinite, max_consecutive_skips: see :func:`lorapro_jax.scale_by_lora_pro`.
 
     Returns:
       An ``optax.GradientTransformation`` with a :class:`ScaleByLoraProLeanState`; non-LoRA leaves get
-      plain Adam.
+      plain Adam. No NaN/inf check: see :func:`lorapro_jax.guard_nonfinite`.
     """
     check_x_mode(x_mode)
-    mode = resolve_on_nonfinite(on_nonfinite, check_finite_grads, "scale_by_lora_pro_lean")
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
@@ -213,5 +207,4 @@ def scale_by_lora_pro_lean(
         new_updates, new_moments = unzip_packed(packed, 2)
         return new_updates, ScaleByLoraProLeanState(count, new_moments)
 
-    tx = optax.GradientTransformation(init_fn, update_fn)
-    return guard_nonfinite(tx, mode, max_consecutive_skips=max_consecutive_skips, name="scale_by_lora_pro_lean")
+    return optax.GradientTransformation(init_fn, update_fn)

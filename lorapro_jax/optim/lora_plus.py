@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from ..lora.pairing import is_lora_pair
+from .nonfinite import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonfiniteMode, guard_nonfinite
 
 __all__ = ["NonLoraMode", "lora_plus", "lora_plus_adamw", "scale_by_lora_plus"]
 
@@ -106,6 +107,8 @@ def lora_plus_adamw(
     non_lora: NonLoraMode = "keep",
     mu_dtype: Any = None,
     mask: Any = None,
+    on_nonfinite: NonfiniteMode = "raise",
+    max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
 ) -> optax.GradientTransformation:
     """AdamW with LoRA+ learning rates: A (and non-LoRA leaves) at ``η``, B at ``ratio · η``.
 
@@ -120,9 +123,12 @@ def lora_plus_adamw(
       weight_decay: decoupled weight decay.
       non_lora: see :func:`scale_by_lora_plus`.
       mask: weight-decay mask (as ``optax.adamw``'s ``mask``; PEFT does not decay 1-D parameters).
+      on_nonfinite, max_consecutive_skips: as in :func:`~lorapro_jax.lora_pro_adamw`:
+        :func:`~lorapro_jax.guard_nonfinite` applied once around the whole chain.
     """
-    return lora_plus(
+    tx = lora_plus(
         optax.adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay=weight_decay, mask=mask),
         ratio,
         non_lora=non_lora,
     )
+    return guard_nonfinite(tx, on_nonfinite, max_consecutive_skips=max_consecutive_skips, name="lora_plus_adamw")

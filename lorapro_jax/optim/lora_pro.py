@@ -33,7 +33,7 @@ from jaxtyping import Array, Float, Int
 from ..lora.pairing import LoraPair
 from ._grouping import PairRecord, map_groups, pair_mats, pair_update, stack
 from ._tree import Packed, map_pairs, require_params, unzip_packed
-from .nonfinite import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonfiniteMode, guard_nonfinite, resolve_on_nonfinite
+from .nonfinite import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonfiniteMode, guard_nonfinite
 from .closed_form import (
     XMode,
     bias_correction,
@@ -106,10 +106,6 @@ def _full_group(group: list[PairRecord], count, b1, b2, eps, eps_root, delta, x_
 def scale_by_lora_pro(
     delta: float = 1e-8,
     x_mode: XMode = "sylvester",
-    check_finite_grads: bool | None = None,
-    *,
-    on_nonfinite: NonfiniteMode = "raise",
-    max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
 ) -> optax.GradientTransformation:
     """LoRA-Pro, SGD form: rewrites every LoRA pair's gradients ``(g_A, g_B)`` into ``(ĝ_A, ĝ_B)``.
 
@@ -124,18 +120,31 @@ def scale_by_lora_pro(
     Args:
       delta: damping of ``(BᵀB + δI)⁻¹`` and ``(AAᵀ + δI)⁻¹``.
       x_mode: ``"sylvester"`` | ``"zero"`` | ``"symmetry"`` (see :func:`lora_pro_gradients`).
-      check_finite_grads: deprecated; ``True`` is ``on_nonfinite="raise"``, ``False`` is ``"ignore"``.
-      on_nonfinite: ``"raise"`` (:class:`~lorapro_jax.NonFiniteError` naming the parameter paths when
-        a gradient or the update is NaN/inf), ``"skip"`` (zero updates on such a step, counted; inside a
-        chain the later stages still run: guard the whole chain with :func:`~lorapro_jax.guard_nonfinite`
-        or use :func:`lora_pro_sgd`) or ``"ignore"``. See :mod:`lorapro_jax.optim.nonfinite`.
-      max_consecutive_skips: with ``"skip"``, raise after more than this many non-finite steps in a row.
 
     Returns:
-      An ``optax.GradientTransformation`` with an empty state.
+      An ``optax.GradientTransformation`` with an empty state. It does not check for NaN/inf: wrap the
+      whole chain in :func:`~lorapro_jax.guard_nonfinite` (or use :func:`lora_pro_sgd` /
+      :func:`lora_pro_adamw`, which do).
+
+    Examples:
+      At the standard init ``B = 0`` LoRA-Pro's gradients are ``ĝ_A = 0`` and ``ĝ_B = g_B (AAᵀ + δI)⁻¹ / s²``
+      (here ``AAᵀ = I``, ``s = 1``, so ``ĝ_B = g_B``):
+
+      >>> import jax.numpy as jnp
+      >>> import lorapro_jax as lp
+      >>> params = {"fc": lp.LoraPair(a=jnp.eye(3, 2), b=jnp.zeros((2, 3)), scale=1.0)}  # a = Aᵀ: (n, r)
+      >>> grads = {"fc": lp.LoraPair(a=jnp.zeros((3, 2)), b=jnp.ones((2, 3)), scale=1.0)}  # g_A = s Bᵀ g = 0
+      >>> tx = lp.scale_by_lora_pro()
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> print(updates["fc"].a)
+      [[0. 0.]
+       [0. 0.]
+       [0. 0.]]
+      >>> print(updates["fc"].b)
+      [[1. 1. 1.]
+       [1. 1. 1.]]
     """
     check_x_mode(x_mode)
-    mode = resolve_on_nonfinite(on_nonfinite, check_finite_grads, "scale_by_lora_pro")
 
     def init_fn(params):
         del params
@@ -147,8 +156,7 @@ def scale_by_lora_pro(
         group_fn = lambda group: _sgd_group(group, delta, x_mode)
         return map_groups(group_fn, lambda path, u, p: u, updates, params), state
 
-    tx = optax.GradientTransformation(init_fn, update_fn)
-    return guard_nonfinite(tx, mode, max_consecutive_skips=max_consecutive_skips, name="scale_by_lora_pro")
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def lora_pro_sgd(
@@ -158,21 +166,38 @@ def lora_pro_sgd(
     *,
     delta: float = 1e-8,
     x_mode: XMode = "sylvester",
-    check_finite_grads: bool | None = None,
     on_nonfinite: NonfiniteMode = "raise",
     max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
 ) -> optax.GradientTransformation:
     """LoRA-Pro with SGD (optionally with momentum): ``chain(scale_by_lora_pro, optax.sgd)``.
 
-    ``on_nonfinite`` / ``max_consecutive_skips`` (see :func:`scale_by_lora_pro`) guard the whole chain:
-    a skipped step leaves the momentum and the schedule's step count as they were.
+    ``on_nonfinite`` / ``max_consecutive_skips`` are :func:`~lorapro_jax.guard_nonfinite`'s, applied once
+    around the whole chain: a skipped step leaves the momentum and the schedule's step count as they were.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import lorapro_jax as lp
+      >>> params = {"fc": lp.LoraPair(a=jnp.eye(3, 2), b=jnp.zeros((2, 3)), scale=1.0)}
+      >>> grads = {"fc": lp.LoraPair(a=jnp.zeros((3, 2)), b=jnp.ones((2, 3)), scale=1.0)}  # g_A = s Bᵀ g = 0
+      >>> tx = lp.lora_pro_sgd(learning_rate=0.1)
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> print(updates["fc"].b.round(3))  # −η ĝ_B
+      [[-0.1 -0.1 -0.1]
+       [-0.1 -0.1 -0.1]]
+
+      With ``on_nonfinite="skip"`` a step with NaN gradients changes nothing and is counted:
+
+      >>> tx = lp.lora_pro_sgd(0.1, on_nonfinite="skip")
+      >>> bad = {"fc": grads["fc"].replace(a=grads["fc"].a.at[0, 0].set(jnp.nan))}
+      >>> updates, state = tx.update(bad, tx.init(params), params)
+      >>> float(abs(updates["fc"].b).max()), int(lp.nonfinite_skips(state))
+      (0.0, 1)
     """
-    mode = resolve_on_nonfinite(on_nonfinite, check_finite_grads, "lora_pro_sgd")
     tx = optax.chain(
-        scale_by_lora_pro(delta=delta, x_mode=x_mode, on_nonfinite="ignore"),
+        scale_by_lora_pro(delta=delta, x_mode=x_mode),
         optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     )
-    return guard_nonfinite(tx, mode, max_consecutive_skips=max_consecutive_skips, name="lora_pro_sgd")
+    return guard_nonfinite(tx, on_nonfinite, max_consecutive_skips=max_consecutive_skips, name="lora_pro_sgd")
 
 
 class ScaleByLoraProAdamState(NamedTuple):
@@ -201,9 +226,6 @@ def scale_by_lora_pro_adam(
     delta: float = 1e-8,
     x_mode: XMode = "sylvester",
     mu_dtype: Any = None,
-    check_finite_grads: bool | None = None,
-    on_nonfinite: NonfiniteMode = "raise",
-    max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
 ) -> optax.GradientTransformation:
     """LoRA-Pro, the paper's AdamW "full" form (without learning rate and weight decay).
 
@@ -220,13 +242,12 @@ def scale_by_lora_pro_adam(
       delta, x_mode: see :func:`lora_pro_gradients`.
       mu_dtype: dtype of both moments (e.g. ``jnp.bfloat16`` as the reference code); default: the
         parameter dtype.
-      check_finite_grads, on_nonfinite, max_consecutive_skips: see :func:`scale_by_lora_pro`.
 
     Returns:
-      An ``optax.GradientTransformation`` with a :class:`ScaleByLoraProAdamState`.
+      An ``optax.GradientTransformation`` with a :class:`ScaleByLoraProAdamState` (no NaN/inf check: see
+      :func:`~lorapro_jax.guard_nonfinite`).
     """
     check_x_mode(x_mode)
-    mode = resolve_on_nonfinite(on_nonfinite, check_finite_grads, "scale_by_lora_pro_adam")
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
@@ -260,8 +281,7 @@ def scale_by_lora_pro_adam(
         new_updates, new_mu, new_nu = unzip_packed(packed, 3)
         return new_updates, ScaleByLoraProAdamState(count=count, mu=new_mu, nu=new_nu)
 
-    tx = optax.GradientTransformation(init_fn, update_fn)
-    return guard_nonfinite(tx, mode, max_consecutive_skips=max_consecutive_skips, name="scale_by_lora_pro_adam")
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 class LoraProDecayState(NamedTuple):
@@ -345,7 +365,6 @@ def lora_pro_adamw(
     mu_dtype: Any = None,
     mask: Any = None,
     lean_rank: int | None = None,
-    check_finite_grads: bool | None = None,
     on_nonfinite: NonfiniteMode = "raise",
     max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
 ) -> optax.GradientTransformation:
@@ -374,31 +393,40 @@ def lora_pro_adamw(
       mu_dtype: dtype of the Adam moments.
       mask: optional weight-decay mask (pytree or callable of booleans).
       lean_rank: rank of the lean form's first moment (default ``2 r`` per pair).
-      check_finite_grads: deprecated, see ``on_nonfinite``.
-      on_nonfinite: ``"raise"`` | ``"skip"`` | ``"ignore"`` for steps with NaN/inf gradients or updates,
-        applied to the whole chain (a skipped step leaves moments, weight decay and schedule counts
-        as they were; see :mod:`lorapro_jax.optim.nonfinite`).
+      on_nonfinite: ``"raise"`` | ``"skip"`` | ``"ignore"`` for steps with NaN/inf gradients or updates:
+        :func:`~lorapro_jax.guard_nonfinite` applied once around the whole chain (a skipped step leaves
+        moments, weight decay and schedule counts as they were; see :mod:`lorapro_jax.optim.nonfinite`).
       max_consecutive_skips: with ``"skip"``, raise after more than this many non-finite steps in a row.
 
     Returns:
       An ``optax.GradientTransformation``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import lorapro_jax as lp
+      >>> params = {"fc": lp.LoraPair(a=jnp.eye(3, 2), b=jnp.zeros((2, 3)), scale=1.0), "bias": jnp.zeros(3)}
+      >>> grads = {"fc": lp.LoraPair(a=jnp.zeros((3, 2)), b=jnp.ones((2, 3)), scale=1.0), "bias": jnp.ones(3)}
+      >>> tx = lp.lora_pro_adamw(1e-2, form="full")
+      >>> state = tx.init(params)
+      >>> state[0].mu["fc"].shape  # the full form keeps an (n, m) Adam moment per pair
+      (3, 3)
+      >>> updates, state = tx.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> print(params["bias"].round(4))  # a plain leaf gets plain AdamW: −η on the first step
+      [-0.01 -0.01 -0.01]
     """
     if form not in _FORMS:
         raise ValueError(f"form must be one of {_FORMS}, got {form!r}.")
-    mode = resolve_on_nonfinite(on_nonfinite, check_finite_grads, "lora_pro_adamw")
     if form == "full":
-        direction = scale_by_lora_pro_adam(
-            b1, b2, eps, eps_root, delta=delta, x_mode=x_mode, mu_dtype=mu_dtype, on_nonfinite="ignore"
-        )
+        direction = scale_by_lora_pro_adam(b1, b2, eps, eps_root, delta=delta, x_mode=x_mode, mu_dtype=mu_dtype)
     elif form == "efficient":
         direction = optax.chain(
-            scale_by_lora_pro(delta=delta, x_mode=x_mode, on_nonfinite="ignore"),
+            scale_by_lora_pro(delta=delta, x_mode=x_mode),
             optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype),
         )
     else:
-        direction = scale_by_lora_pro_lean(
-            b1, b2, eps, delta=delta, x_mode=x_mode, rank=lean_rank, mu_dtype=mu_dtype, on_nonfinite="ignore"
-        )
+        direction = scale_by_lora_pro_lean(b1, b2, eps, delta=delta, x_mode=x_mode, rank=lean_rank, mu_dtype=mu_dtype)
     tx = optax.chain(
         direction,
         add_lora_pro_decayed_weights(
@@ -406,7 +434,7 @@ def lora_pro_adamw(
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
-    return guard_nonfinite(tx, mode, max_consecutive_skips=max_consecutive_skips, name="lora_pro_adamw")
+    return guard_nonfinite(tx, on_nonfinite, max_consecutive_skips=max_consecutive_skips, name="lora_pro_adamw")
 
 
 def base_decay_factor(opt_state: Any) -> Float[Array, ""]:

@@ -1,8 +1,14 @@
 """What an optimizer step does when its gradients or its update hold NaN or inf: raise, skip or ignore.
 
-Every LoRA-Pro transform and alias takes ``on_nonfinite`` (it replaces the old ``check_finite_grads``):
+One wrapper, :func:`guard_nonfinite`, is the whole mechanism (in the spirit of ``optax.apply_if_finite``):
+it wraps any optax transformation, e.g. a user's own ``optax.chain``. The building blocks
+(:func:`~lorapro_jax.scale_by_lora_pro`, :func:`~lorapro_jax.scale_by_lora_pro_adam`,
+:func:`~lorapro_jax.optim.lean.scale_by_lora_pro_lean`) check nothing; the aliases
+(:func:`~lorapro_jax.lora_pro_sgd`, :func:`~lorapro_jax.lora_pro_adamw`, :func:`~lorapro_jax.lora_plus_adamw`)
+take ``on_nonfinite`` and wrap their whole chain once, so weight decay and learning-rate schedules stand
+still on a skipped step too. The modes:
 
-* ``"raise"`` (default): a step whose incoming gradients or outgoing updates are not finite raises
+* ``"raise"``: a step whose incoming gradients or outgoing updates are not finite raises
   :class:`NonFiniteError`, whose message starts with the parameter paths concerned. The check is a
   ``lax.cond`` on one on-device boolean: the host callback that raises sits in the failing branch only,
   so a healthy step makes no host round trip. XLA wraps exceptions raised in callbacks in a
@@ -13,11 +19,7 @@ Every LoRA-Pro transform and alias takes ``on_nonfinite`` (it replaces the old `
   ``max_consecutive_skips`` non-finite steps in a row the step raises :class:`NonFiniteError` (again
   from a callback inside the failing branch of a ``lax.cond``): a run whose loss diverged for good
   stops instead of spinning.
-* ``"ignore"``: no check.
-
-:func:`guard_nonfinite` applies any of the three to any optax transformation (e.g. a user's own
-``optax.chain``); the LoRA-Pro aliases wrap their whole chain, so weight decay and learning-rate
-schedules stand still on a skipped step too.
+* ``"ignore"``: no check (the transformation is returned as it is, with extra-args support).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import warnings
 from collections.abc import Mapping
 from typing import Any, Iterator, Literal, NamedTuple
 
@@ -43,7 +44,6 @@ __all__ = [
     "DEFAULT_MAX_CONSECUTIVE_SKIPS",
     "guard_nonfinite",
     "nonfinite_skips",
-    "resolve_on_nonfinite",
     "unwrap_nonfinite_errors",
     "nonfinite_error",
 ]
@@ -89,26 +89,10 @@ class SkipNonfiniteState(NamedTuple):
     consecutive_skips: Int[Array, ""]
 
 
-def resolve_on_nonfinite(on_nonfinite: str | None, check_finite_grads: bool | None, where: str) -> str:
-    """Validates ``on_nonfinite``; maps the deprecated ``check_finite_grads`` (True → raise, False → ignore)."""
-    if check_finite_grads is not None:
-        warnings.warn(
-            f"{where}: check_finite_grads is deprecated, use on_nonfinite='raise' | 'skip' | 'ignore' "
-            "(check_finite_grads=True is on_nonfinite='raise', False is 'ignore').",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        old = "raise" if check_finite_grads else "ignore"
-        if on_nonfinite not in (None, "raise", old):  # "raise" is the default: cannot tell it was passed
-            raise ValueError(
-                f"{where}: check_finite_grads={check_finite_grads!r} contradicts on_nonfinite={on_nonfinite!r}; "
-                "pass only on_nonfinite."
-            )
-        return old
-    mode = "raise" if on_nonfinite is None else on_nonfinite
-    if mode not in _MODES:
+def _check_mode(on_nonfinite: str, where: str) -> str:
+    if on_nonfinite not in _MODES:
         raise ValueError(f"{where}: on_nonfinite must be one of {_MODES}, got {on_nonfinite!r}.")
-    return mode
+    return on_nonfinite
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,8 +218,18 @@ def guard_nonfinite(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import lorapro_jax as lp
+      >>> tx = lp.guard_nonfinite(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)), "skip")
+      >>> params = {"w": jnp.ones(2)}
+      >>> updates, state = tx.update({"w": jnp.array([1.0, jnp.nan])}, tx.init(params))
+      >>> updates["w"].tolist(), int(lp.nonfinite_skips(state))  # zero updates, state kept, step counted
+      ([0.0, 0.0], 1)
     """
-    mode = resolve_on_nonfinite(on_nonfinite, None, name or "guard_nonfinite")
+    mode = _check_mode(on_nonfinite, name or "guard_nonfinite")
     if max_consecutive_skips is not None and isinstance(max_consecutive_skips, (int, float)) and max_consecutive_skips < 0:
         raise ValueError(f"max_consecutive_skips must be >= 0 or None, got {max_consecutive_skips!r}.")
     name = name or "optimizer"

@@ -90,6 +90,24 @@ def paired(tx: optax.GradientTransformation, pairing: Pairing) -> optax.Gradient
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a :class:`PairedState`; extra keyword arguments of
       ``update`` are passed on to ``tx``.
+
+    Examples:
+      A tree with ``lora_a`` / ``lora_b`` leaves, paired by name; the updates equal those of the same
+      transform on :class:`~lorapro_jax.LoraPair` nodes (see :func:`~lorapro_jax.lora_pro_sgd`):
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import lorapro_jax as lp
+      >>> pairing = lp.name_pairing(r"(?P<layer>.*)/lora_a$", r"(?P<layer>.*)/lora_b$", 1.0)
+      >>> params = {"fc": {"lora_a": jnp.eye(3, 2), "lora_b": jnp.zeros((2, 3))}}
+      >>> grads = {"fc": {"lora_a": jnp.zeros((3, 2)), "lora_b": jnp.ones((2, 3))}}
+      >>> tx = lp.paired(lp.lora_pro_sgd(0.1), pairing)
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> jax.tree.map(jnp.shape, updates)
+      {'fc': {'lora_a': (3, 2), 'lora_b': (2, 3)}}
+      >>> print(updates["fc"]["lora_b"].round(3))
+      [[-0.1 -0.1 -0.1]
+       [-0.1 -0.1 -0.1]]
     """
     tx = optax.with_extra_args_support(tx)
     name = getattr(pairing, "name", type(pairing).__name__)

@@ -58,7 +58,7 @@ def test_output_unchanged_after_init_fp32(direction):
     y0 = np.asarray(m(x))
     k0 = {n: np.asarray(getattr(m, n).base.kernel[...]) for n in NAMES}
     grads = estimate_full_gradients(m, loss_fn, make_batches(2, 4, seed=1))
-    rec = lora_ga_init(m, grads, direction=direction, rng=3)
+    rec = lora_ga_init(m, grads, direction=direction, key=3)
     y1 = np.asarray(m(x))
     # fp32: W0' = W0 - s B0 A0 rounds once per kernel entry; the output may move by a few ulps.
     np.testing.assert_allclose(y1, y0, rtol=0, atol=1e-5 * max(1.0, np.abs(y0).max()))
@@ -104,8 +104,8 @@ def test_first_sgd_step_is_best_rank_2r_approximation_of_minus_gradient(x64, dir
     m = _model(rank=rank, alpha=alpha, dtype=jnp.float64, rslora=True)
     batch = make_batches(1, 6, seed=5, dtype=np.float64)[0]
     _, G_kernel = np_loss_and_grads(weights(m), *batch)  # NumPy gradients at the ORIGINAL weights
-    rec = lora_ga_init(m, estimate_full_gradients(m, loss_fn, [batch]), direction=direction, scale=scale, svd=svd,
-                       rng=0)
+    rec = lora_ga_init(m, estimate_full_gradients(m, loss_fn, [batch]), direction=direction, scale_mode=scale, svd=svd,
+                       key=0)
     # LoRA gradients of the SAME batch (plain JAX autodiff), then one SGD step of size eta on A and B.
     g = nnx.grad(loss_fn, argnums=nnx.DiffState(0, lp.LoRAParam))(m, tuple(map(jnp.asarray, batch)))
     for n in NAMES:
@@ -137,8 +137,8 @@ def test_directions_pick_the_documented_singular_vectors(x64, direction):
     m = _model(rank=rank, dtype=jnp.float64)
     batch = make_batches(1, 6, seed=6, dtype=np.float64)[0]
     _, G_kernel = np_loss_and_grads(weights(m), *batch)
-    rec = lora_ga_init(m, estimate_full_gradients(m, loss_fn, [batch]), direction=direction, scale="unit",
-                       svd="full", rng=1)
+    rec = lora_ga_init(m, estimate_full_gradients(m, loss_fn, [batch]), direction=direction, scale_mode="unit",
+                       svd="full", key=1)
     expected = {
         "ArB2r": ([0, 1], [2, 3]),
         "ArBr": ([1, 3], [0, 2]),
@@ -164,7 +164,7 @@ def test_directions_pick_the_documented_singular_vectors(x64, direction):
 def test_rslora_and_rank_overrides_scales_are_used(x64):
     alpha = 4.0
     m = _model(rank=2, alpha=alpha, dtype=jnp.float64, rslora=True, rank_overrides={"gen": 3})
-    rec = lora_ga_init(m, estimate_full_gradients(m, loss_fn, make_batches(1, 4, dtype=np.float64)), scale="gd",
+    rec = lora_ga_init(m, estimate_full_gradients(m, loss_fn, make_batches(1, 4, dtype=np.float64)), scale_mode="gd",
                        svd="full")
     for n, r in (("fc", 2), ("gen", 3), ("ein", 2)):
         s = alpha / np.sqrt(r)  # rsLoRA: alpha / sqrt(r), by hand
@@ -174,7 +174,7 @@ def test_rslora_and_rank_overrides_scales_are_used(x64):
         np.testing.assert_allclose(A0 @ A0.T, np.eye(r) / s**2, atol=1e-10)
         np.testing.assert_allclose(B0.T @ B0, np.eye(r) / s**2, atol=1e-10)
     m = _model(rank=2, alpha=alpha, dtype=jnp.float64, rslora=False)
-    rec = lora_ga_init(m, estimate_full_gradients(m, loss_fn, make_batches(1, 4, dtype=np.float64)), scale="gd",
+    rec = lora_ga_init(m, estimate_full_gradients(m, loss_fn, make_batches(1, 4, dtype=np.float64)), scale_mode="gd",
                        svd="full")
     A0, _ = pair_paper(rec["fc"])
     np.testing.assert_allclose(A0 @ A0.T, np.eye(2) / (alpha / 2) ** 2, atol=1e-10)
@@ -244,8 +244,8 @@ def test_errors_name_the_layer():
         lora_ga_init(m, {"fc": grads["fc"].at[0, 0].set(jnp.nan)})
     with pytest.raises(ValueError, match="direction must be one of"):
         lora_ga_init(m, grads, direction="BrA2r")
-    with pytest.raises(ValueError, match="scale must be one of"):
-        lora_ga_init(m, grads, scale="weightS")
+    with pytest.raises(ValueError, match="scale_mode must be one of"):
+        lora_ga_init(m, grads, scale_mode="weightS")
     rec = lora_ga_init(m, {"fc": grads["fc"]})
     with pytest.raises(ValueError, match="does not match the initial pair"):
         lora_ga_delta(m.gen, rec["fc"])

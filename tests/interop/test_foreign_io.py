@@ -28,9 +28,9 @@ def test_lora_ga_through_qwix_pairing_matches_native():
     q.head.kernel_lora_b.set_value(0.0 * q.head.kernel_lora_b.get_value())
     grads = {"fc": _kernel_grads(native)["fc"]}  # LoRA-GA needs 2r <= min(m, n): fc (8 x 6), not head (3 x 8)
     before = q(X)
-    lp.lora_ga_init(native, grads, svd="full", rng=3)
+    lp.lora_ga_init(native, grads, svd="full", key=3)
     new, record = lp.lora_ga_init_paired(
-        nnx.as_pure(nnx.state(q)), {f"{k}/kernel": g for k, g in grads.items()}, lp.qwix_pairing(provider), svd="full", rng=3
+        nnx.as_pure(nnx.state(q)), {f"{k}/kernel": g for k, g in grads.items()}, lp.qwix_pairing(provider), svd="full", key=3
     )
     nnx.update(q, new)
     np.testing.assert_allclose(q(X), before, rtol=1e-5, atol=1e-5)  # W0 - s a0 b0 + s a0 b0

@@ -260,8 +260,8 @@ def test_lora_ga_through_nnx_lora_pairing_matches_native():
         getattr(foreign, name).lora.lora_b.set_value(0.0 * getattr(foreign, name).lora.lora_b.get_value())
     grads = {"fc": lp.estimate_full_gradients(native, lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), [(X, Y)])["fc"]}
     before = foreign(X)
-    lp.lora_ga_init(native, grads, svd="full", rng=1)
-    new, _ = lp.lora_ga_init_paired(nnx.as_pure(nnx.state(foreign)), {"fc/lora": grads["fc"]}, lp.nnx_lora_pairing(), svd="full", rng=1)
+    lp.lora_ga_init(native, grads, svd="full", key=1)
+    new, _ = lp.lora_ga_init_paired(nnx.as_pure(nnx.state(foreign)), {"fc/lora": grads["fc"]}, lp.nnx_lora_pairing(), svd="full", key=1)
     nnx.update(foreign, new)
     np.testing.assert_allclose(foreign(X), before, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(foreign.fc.lora.lora_a.get_value(), native.fc.lora.get_value().a, rtol=1e-6, atol=1e-6)

@@ -1,7 +1,8 @@
-"""on_nonfinite="raise" | "skip" | "ignore" on every LoRA-Pro transform and alias, lp.nonfinite_skips, and the
-deprecated check_finite_grads. Skipped steps are checked against a run that never saw the bad step."""
+"""on_nonfinite="raise" | "skip" | "ignore": lp.guard_nonfinite around every LoRA-Pro building block, the aliases'
+own on_nonfinite (the same wrapper applied once around their chain), and lp.nonfinite_skips. Skipped steps are
+checked against a run that never saw the bad step."""
 
-import warnings
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -14,15 +15,26 @@ import lorapro_jax as lp
 
 N, M, R, S = 5, 4, 2, 1.5
 
+BLOCKS = {"scale_by_lora_pro": lp.scale_by_lora_pro, "scale_by_lora_pro_adam": lp.scale_by_lora_pro_adam,
+          "scale_by_lora_pro_lean": lp.scale_by_lora_pro_lean}
+ALIASES = {"lora_pro_sgd": lp.lora_pro_sgd, "lora_pro_adamw": lp.lora_pro_adamw, "lora_plus_adamw": lp.lora_plus_adamw}
+
+
+def _guarded(block):
+    """A building block inside the one wrapper (the blocks themselves check nothing)."""
+    return lambda on_nonfinite="raise", **kw: lp.guard_nonfinite(block(), on_nonfinite, name=block.__name__, **kw)
+
+
 # Every LoRA-Pro transform / alias, as factory(on_nonfinite=..., **kw).
 FACTORIES = {
-    "scale_by_lora_pro": lambda **kw: lp.scale_by_lora_pro(**kw),
+    "scale_by_lora_pro": _guarded(lp.scale_by_lora_pro),
     "lora_pro_sgd": lambda **kw: lp.lora_pro_sgd(0.1, momentum=0.9, **kw),
-    "scale_by_lora_pro_adam": lambda **kw: lp.scale_by_lora_pro_adam(**kw),
-    "scale_by_lora_pro_lean": lambda **kw: lp.scale_by_lora_pro_lean(**kw),
+    "scale_by_lora_pro_adam": _guarded(lp.scale_by_lora_pro_adam),
+    "scale_by_lora_pro_lean": _guarded(lp.scale_by_lora_pro_lean),
     "adamw_full": lambda **kw: lp.lora_pro_adamw(1e-2, weight_decay=0.1, form="full", **kw),
     "adamw_efficient": lambda **kw: lp.lora_pro_adamw(1e-2, weight_decay=0.1, form="efficient", **kw),
     "adamw_lean": lambda **kw: lp.lora_pro_adamw(1e-2, weight_decay=0.1, form="lean", **kw),
+    "lora_plus_adamw": lambda **kw: lp.lora_plus_adamw(1e-2, ratio=4.0, weight_decay=0.1, **kw),
 }
 
 
@@ -82,7 +94,8 @@ def test_skip_leaves_state_untouched_and_equals_a_run_without_the_bad_step(name)
 
 
 @pytest.mark.parametrize("name,transform", [("lora_pro_sgd", "lora_pro_sgd"), ("adamw_full", "lora_pro_adamw"),
-                                            ("scale_by_lora_pro_lean", "scale_by_lora_pro_lean")])
+                                            ("scale_by_lora_pro_lean", "scale_by_lora_pro_lean"),
+                                            ("lora_plus_adamw", "lora_plus_adamw")])
 def test_raise_names_the_paths_first_and_unwraps_from_the_xla_error(name, transform):
     params = _params()
     tx = FACTORIES[name]()  # default: raise
@@ -155,39 +168,67 @@ def _callback_sites(jaxpr, in_cond=False):
     return sites
 
 
+@pytest.mark.parametrize("alias", sorted(ALIASES))
 @pytest.mark.parametrize("mode,expected", [("ignore", []), ("raise", [True]), ("skip", [True])])
-def test_healthy_steps_make_no_host_callback(mode, expected):
+def test_healthy_steps_make_no_host_callback(mode, expected, alias):
     # The only host callback sits in the failing branch of a lax.cond: a finite step never calls the host.
+    # Exactly one site per step: the aliases apply the wrapper once, around their whole chain.
     params = _params()
-    tx = lp.lora_pro_adamw(1e-2, on_nonfinite=mode)
+    tx = ALIASES[alias](1e-2, on_nonfinite=mode)
     jaxpr = jax.make_jaxpr(tx.update)(_grads(1), tx.init(params), params)
     assert _callback_sites(jaxpr.jaxpr) == expected
     # No effects: jit keeps its C++ fast dispatch path (a debug callback, even in a branch, loses it).
     assert not jaxpr.effects
 
 
-def test_deprecated_check_finite_grads_maps_to_on_nonfinite():
-    params = _params()
-    with pytest.warns(DeprecationWarning, match="check_finite_grads is deprecated"):
-        tx = lp.lora_pro_adamw(1e-2, check_finite_grads=False)
-    _, st = jax.jit(tx.update)(_poison(_grads(1)), tx.init(params), params)  # ignore: no error
-    with pytest.warns(DeprecationWarning):
-        tx = lp.scale_by_lora_pro(1e-8, "sylvester", True)  # positional, as before
-    with pytest.raises(lp.NonFiniteError):
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_building_blocks_check_nothing_the_wrapper_does(name):
+    block = BLOCKS[name]
+    for option in ("on_nonfinite", "max_consecutive_skips", "check_finite_grads"):
+        assert option not in inspect.signature(block).parameters, (name, option)
+        with pytest.raises(TypeError):
+            block(**{option: "raise" if option == "on_nonfinite" else True})
+    params, bad = _params(), _poison(_grads(1))
+    # bare block: the NaN goes through, no error, no counter
+    tx = block()
+    u, st = jax.jit(tx.update)(bad, tx.init(params), params)
+    assert not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+    assert not isinstance(st, lp.SkipNonfiniteState) and int(lp.nonfinite_skips(st)) == 0
+    # the same block inside the wrapper: raise names the path, ignore keeps the NaN
+    tx = lp.guard_nonfinite(block(), "raise")
+    with pytest.raises(lp.NonFiniteError, match=r"^\['lin'\]\['lora'\]\.a: non-finite gradient values \(NaN/inf\) in "
+                       r"optimizer") as info:
         with lp.unwrap_nonfinite_errors():
-            jax.block_until_ready(jax.jit(tx.update)(_poison(_grads(1)), tx.init(params), params))
-    with pytest.warns(DeprecationWarning):
-        lp.scale_by_lora_pro_lean(check_finite_grads=True)
-    with pytest.warns(DeprecationWarning):
-        lp.lora_pro_sgd(0.1, check_finite_grads=True)
-    with pytest.raises(ValueError, match="contradicts"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        lp.scale_by_lora_pro_adam(check_finite_grads=True, on_nonfinite="skip")
-    with pytest.raises(ValueError, match=r"on_nonfinite must be one of \('raise', 'skip', 'ignore'\)"):
-        lp.lora_pro_adamw(1e-2, on_nonfinite="warn")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        lp.lora_pro_adamw(1e-2, on_nonfinite="ignore")  # the new keyword never warns
+            jax.block_until_ready(jax.jit(tx.update)(bad, tx.init(params), params))
+    assert info.value.transform == "optimizer"  # the wrapper's default name
+    tx = lp.guard_nonfinite(block(), "ignore")
+    u_ignored, _ = jax.jit(tx.update)(bad, tx.init(params), params)
+    jax.tree.map(np.testing.assert_array_equal, u_ignored, u)  # NaN == NaN here: bitwise the bare block
+
+
+@pytest.mark.parametrize("alias", sorted(ALIASES))
+def test_aliases_keep_on_nonfinite_and_wrap_their_chain_once(alias):
+    factory = ALIASES[alias]
+    sig = inspect.signature(factory).parameters
+    assert sig["on_nonfinite"].default == "raise" and "max_consecutive_skips" in sig
+    assert "check_finite_grads" not in sig
+    with pytest.raises(TypeError):
+        factory(1e-2, check_finite_grads=True)
+    with pytest.raises(ValueError, match=alias + r": on_nonfinite must be one of \('raise', 'skip', 'ignore'\)"):
+        factory(1e-2, on_nonfinite="warn")
+    params = _params()
+    state = factory(1e-2, on_nonfinite="skip").init(params)
+    skip_states = []
+    jax.tree.map(lambda x: skip_states.append(x) if isinstance(x, lp.SkipNonfiniteState) else x, state,
+                 is_leaf=lambda x: isinstance(x, lp.SkipNonfiniteState))
+    assert len(skip_states) == 1 and skip_states[0] is state  # one guard, the outermost one
+    inner = jax.tree.leaves(state.inner_state, is_leaf=lambda x: isinstance(x, lp.SkipNonfiniteState))
+    assert not any(isinstance(x, lp.SkipNonfiniteState) for x in inner)
+    # "ignore" is the bare chain: the same state structure as the unguarded building blocks give
+    ignored = factory(1e-2, on_nonfinite="ignore").init(params)
+    assert jax.tree.structure(ignored) == jax.tree.structure(state.inner_state)
+    with pytest.raises(ValueError, match=r"guard_nonfinite: on_nonfinite must be one of"):
+        lp.guard_nonfinite(optax.sgd(0.1), "warn")
 
 
 def test_nonfinite_skips_finds_nested_states():
