@@ -106,6 +106,7 @@ def test_kernel_grads_leave_the_model_untouched_and_sgd_on_full_model_has_cosine
 
 
 
+@pytest.mark.slow
 def test_cli_logs_alignment_and_runs_lora_pro_sgd(tiny_bert, tmp_path):
     """--log-alignment-every writes finite cosines for LoRA and full FT; --lora-pro-form sgd trains."""
     import json

@@ -72,6 +72,7 @@ def _lora_params(layers: int, hidden: int, rank: int, n_classes: int = 5) -> int
     return layers * 2 * rank * (hidden + hidden) + hidden * n_classes + n_classes
 
 
+@pytest.mark.slow
 def test_all_methods_tiny(tiny_bert, tmp_path):
     methods = finetune.METHODS
     summaries = finetune.main(
@@ -112,6 +113,7 @@ def test_all_methods_tiny(tiny_bert, tmp_path):
     assert any(r["type"] == "event" for r in _records(tmp_path / "bbc-prilora-s0"))
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tiny_bert, tmp_path):
     """Interrupt after step 2 of 3 (drop the later checkpoint and log lines), resume, compare losses."""
     args = ["--model", str(tiny_bert), "--method", "lora", "--out-dir", str(tmp_path / "runs"),
@@ -131,6 +133,7 @@ def test_resume_is_exact(tiny_bert, tmp_path):
     assert resumed_losses == full_losses  # same data order, dropout keys and optimizer state
 
 
+@pytest.mark.slow
 def test_real_minilm_lora_pro(tmp_path):
     """The real all-MiniLM-L6-v2 weights through the default model path."""
     s = finetune.main(["--method", "lora-pro", "--out-dir", str(tmp_path), *TWO_STEPS])[0]
@@ -162,6 +165,7 @@ def tiny_t5(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_t5_glue_config_local_files(tiny_t5, tmp_path):
     """The shipped T5-base GLUE config (seq2seq head, prompts, label words) on a tiny T5 and local SST-2 files."""
     rng = np.random.default_rng(0)

@@ -22,6 +22,7 @@ from test_finetune_cli import COMMON, tiny_bert  # noqa: E402,F401  (fixture)
 BLOW_UP = ["--lr", "1e30", "--method", "lora-pro", "--rank", "2", *COMMON]
 
 
+@pytest.mark.slow
 def test_raise_reports_one_line_with_the_step_and_paths(tiny_bert, tmp_path):
     with pytest.raises(SystemExit) as info:
         finetune.main(["--model", str(tiny_bert), "--out-dir", str(tmp_path), "--max-steps", "3", *BLOW_UP])
@@ -32,6 +33,7 @@ def test_raise_reports_one_line_with_the_step_and_paths(tiny_bert, tmp_path):
     assert "non-finite gradient values" in msg
 
 
+@pytest.mark.slow
 def test_skip_counts_in_the_summary_and_stops_after_the_limit(tiny_bert, tmp_path, capsys):
     (summary,) = finetune.main(["--model", str(tiny_bert), "--out-dir", str(tmp_path), "--max-steps", "4",
                                 "--on-nonfinite", "skip", "--max-consecutive-skips", "5", *BLOW_UP])

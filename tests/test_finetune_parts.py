@@ -120,6 +120,7 @@ def test_entry_sets_openblas_and_silences_transformers_advice():
     assert "PyTorch was not found" not in out.stderr
 
 
+@pytest.mark.slow
 def test_learning_rates_share_one_compiled_step(tmp_path):
     """A second run at another lr in the same session compiles nothing (counted by JAX's own monitoring)."""
     from jax import monitoring
@@ -172,6 +173,7 @@ def _session(tmp_path, *extra):
     return runner.open_session(args, "bbc")
 
 
+@pytest.mark.slow
 def test_variant_run_equals_the_base_method_run_with_the_option(tmp_path):
     """``--method lora-pro-sgd`` trains exactly like ``--method lora-pro --lora-pro-form sgd``."""
     from experiments import runner
@@ -185,6 +187,7 @@ def test_variant_run_equals_the_base_method_run_with_the_option(tmp_path):
     assert a["final_metrics"] == b["final_metrics"]
 
 
+@pytest.mark.slow
 def test_no_train_head_freezes_the_head_for_every_method(tmp_path):
     from flax import nnx
 

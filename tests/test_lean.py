@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import lorapro_jax as lp
 from lorapro_jax.optim.lean import scale_by_lora_pro_lean, truncated_sum
@@ -81,6 +82,7 @@ def test_lean_state_is_small():
     assert n_full == 2 * 100 * 60 + 1
 
 
+@pytest.mark.slow
 def test_lean_direction_close_to_full_form_on_a_training_run():
     # Error against the full form, measured along a real LoRA regression run: both transforms see the
     # same (params, grads) sequence (params follow the full form). On this problem (n=64, m=48, r=4,

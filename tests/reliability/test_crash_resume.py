@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Multi-device, multi-process or SIGKILL runs in subprocesses: the slow tier.
+pytestmark = pytest.mark.slow
+
 SCRIPT = Path(__file__).with_name("crash_train.py")
 STEPS = 5
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
+
+# Multi-device, multi-process or SIGKILL runs in subprocesses: the slow tier.
+pytestmark = pytest.mark.slow
 from _sharding_subproc import cpu_env, run_all
 
 TIMEOUT_S = 400

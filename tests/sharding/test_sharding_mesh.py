@@ -29,6 +29,9 @@ import os
 import tempfile
 
 import pytest
+
+# Multi-device, multi-process or SIGKILL runs in subprocesses: the slow tier.
+pytestmark = pytest.mark.slow
 from _sharding_subproc import ROOT, cpu_env, run_all
 
 TIMEOUT_S = 240  # both workers together; ~25 s on two idle cores

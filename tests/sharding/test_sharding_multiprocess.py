@@ -18,6 +18,9 @@ import tempfile
 
 import numpy as np
 import pytest
+
+# Multi-device, multi-process or SIGKILL runs in subprocesses: the slow tier.
+pytestmark = pytest.mark.slow
 from _sharding_subproc import cpu_env, free_port, run_all
 
 TIMEOUT_S = 120  # whole group; ~25 s of CPU per process

@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pytest
+
 from _sharding_subproc import cpu_env, run_all
 from jax.sharding import PartitionSpec as P
 
@@ -10,6 +12,9 @@ from _stacked_models import twins  # noqa: E402
 
 import lorapro_jax as lp  # noqa: E402
 from lorapro_jax import sharding as sh  # noqa: E402
+
+# Multi-device runs in subprocesses: the slow tier.
+pytestmark = pytest.mark.slow
 
 
 def _specs(**kw):
