@@ -44,6 +44,7 @@ from lorapro_jax.data import BucketedBatcher, load_tokenizer
 from . import alignment
 from .cli import resolve_method
 from .exporting import export_run
+from .records import read_jsonl
 from .methods import (
     MethodState,
     PeakLr,
@@ -141,13 +142,6 @@ def _rewind_log(path: Path, step: int) -> int:
     tmp.write_text("".join(keep))
     os.replace(tmp, path)
     return dropped
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @dataclasses.dataclass
@@ -251,7 +245,7 @@ def _restore(r: _Run) -> None:
         dropped = _rewind_log(r.run_dir / "metrics.jsonl", r.step)
         print(f"{r.name}: resuming from the checkpoint of step {r.step}"
               + (f"; dropped {dropped} log records written after it" if dropped else ""), file=sys.stderr)
-        for rec in _read_jsonl(r.run_dir / "metrics.jsonl"):
+        for rec in read_jsonl(r.run_dir / "metrics.jsonl", missing_ok=True):
             if rec.get("type") == "train":
                 r.epoch_losses.setdefault(rec["epoch"], []).append(rec["loss"])
                 r.last_loss = rec["loss"]

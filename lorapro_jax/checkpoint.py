@@ -42,6 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from ._utils import fit_report, key_name
 from .checkpoint_checks import load_json_item, restore_item, validate_meta, verify_arrays
 from .errors import CorruptFileError, check_config, check_module, check_path
 from .integrity import fingerprints
@@ -69,13 +70,6 @@ Path = tuple[str, ...]
 
 
 # -- state <-> plain nested dicts ----------------------------------------------------------------------
-def _key_name(k: Any) -> str:
-    for attr in ("name", "key", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def _is_prng_key(x: Any) -> bool:
     dt = getattr(x, "dtype", None)
     return dt is not None and jax.dtypes.issubdtype(dt, jax.dtypes.prng_key)
@@ -92,7 +86,7 @@ def _flat_leaves(state: nnx.State) -> list[tuple[Path, nnx.Variable, Path, Any]]
         value = var.get_value()
         sub, _ = jax.tree_util.tree_flatten_with_path(value)
         for kp, leaf in sub:
-            sp = tuple(_key_name(k) for k in kp)
+            sp = tuple(key_name(k) for k in kp)
             out.append((tuple(str(p) for p in vpath) + sp, var, sp, leaf))
     return out
 
@@ -183,22 +177,17 @@ def _flat_fingerprints(plain: dict) -> dict[str, int]:
     return fingerprints(flat)
 
 
+_FIT_LABELS = ("missing from the checkpoint", "in the checkpoint but not in the target", "shape mismatch")
+
+
 def _check_specs(group: str, saved: dict[str, list], target: dict[str, list]) -> None:
-    missing = sorted(set(target) - set(saved))
-    unexpected = sorted(set(saved) - set(target))
     shapes = sorted(
         f"{k}: checkpoint {tuple(saved[k][0])}, target {tuple(target[k][0])}"
         for k in set(saved) & set(target)
         if list(saved[k][0]) != list(target[k][0])
     )
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing from the checkpoint: {missing}")
-        if unexpected:
-            parts.append(f"in the checkpoint but not in the target: {unexpected}")
-        if shapes:
-            parts.append(f"shape mismatch: {shapes}")
+    parts = fit_report(sorted(set(target) - set(saved)), sorted(set(saved) - set(target)), shapes, labels=_FIT_LABELS, counts=False)
+    if parts:
         raise ValueError(f"checkpoint group {group!r} does not fit the restore target; " + "; ".join(parts))
 
 

@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Float
 
+from ._utils import matches_targets, norm_prefix
 from .errors import CorruptFileError, check_config, check_module, check_path
 from .lora.config import LoraConfig
 from .lora.nnx_lora import LoRALayer, LoRAParam, lora_layers, merge_and_unwrap
@@ -219,10 +220,6 @@ def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
 
 
 # -- PEFT adapters ----------------------------------------------------------------------------------------
-def _norm_prefix(prefix: str) -> str:
-    return prefix if not prefix or prefix.endswith(".") else prefix + "."
-
-
 def _exportable(
     model: nnx.Module, allow_flatten: bool, who: str, stacked_prefixes: Mapping[str, int] | None = None
 ) -> dict[str, LoRALayer | LayerSlice]:
@@ -284,7 +281,7 @@ def peft_state_dict(
     Returns:
       ``{key: array}``; ``lora_A.weight`` is ``(r, in)``, ``lora_B.weight`` is ``(out, r)``.
     """
-    prefix = _norm_prefix(prefix)
+    prefix = norm_prefix(prefix)
     out = {}
     for path, layer in _exportable(model, allow_flatten, "peft_state_dict", stacked_prefixes).items():
         a_t, b_t = _peft_matrices(layer)
@@ -330,12 +327,6 @@ def _scale_ok(alpha: float, r: int, rslora: bool, scale: float) -> bool:
     return math.isclose(lora_scale(alpha, r, rslora), scale, rel_tol=1e-9, abs_tol=0.0)
 
 
-def _targets_match(targets: str | Sequence[str], name: str) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def peft_config(
     model: nnx.Module,
     *,
@@ -364,7 +355,7 @@ def peft_config(
         adapted module, or ``config`` disagrees with the model's scales in a way no pattern can fix.
     """
     check_config(config, "peft_config", optional=True)
-    prefix = _norm_prefix(prefix)
+    prefix = norm_prefix(prefix)
     layers = _exportable(model, allow_flatten, "peft_config", stacked_prefixes)
     info = {f"{prefix}{p}": (int(l.pair.rank), float(l.pair.scale)) for p, l in layers.items()}
     if config is not None:
@@ -385,7 +376,7 @@ def peft_config(
         target_modules = names
     else:
         target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
-        missed = [n for n in names if not _targets_match(target_modules, n)]
+        missed = [n for n in names if not matches_targets(target_modules, n)]
         if missed:
             raise ValueError(f"peft_config: target_modules {target_modules!r} do not match the adapted modules {missed}.")
     cfg = {
@@ -560,7 +551,7 @@ def load_peft_adapter(
     if cfg.get("use_dora"):
         raise ValueError(f"load_peft_adapter: {adapter_dir} is a DoRA adapter (use_dora=true); not supported.")
     tensors = _load_safetensors(adapter_dir / PEFT_WEIGHTS_NAME)
-    prefix = _norm_prefix(prefix)
+    prefix = norm_prefix(prefix)
     layers = _exportable(model, allow_flatten, "load_peft_adapter", stacked_prefixes)
     saved_names = list(cfg.get("modules_to_save") or [])
     saved = modules_to_save_targets(model, saved_names, prefix) if saved_names and load_modules_to_save else {}

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .init.lora_ga import _check_options, _as_key, lora_ga_factors
-from .lora.foreign import Pairing, PairPlan, _flatten, _unwrap
+from . import _utils
+from .lora.foreign import Pairing, PairPlan, _flatten
 from .lora.pairing import LoraPair
 
 __all__ = ["foreign_pairs", "lora_ga_init_paired", "peft_state_dict_paired", "save_peft_adapter_paired"]
@@ -89,7 +90,7 @@ def lora_ga_init_paired(
     _check_options(direction, scale, svd, stable_gamma)
     plan = pairing.plan(params)
     paths, leaves, treedef = _flatten(params)
-    leaves = [_unwrap(x) for x in leaves]
+    leaves = [_utils.unwrap(x) for x in leaves]
     specs = plan.pair_by_name()
     key = _as_key(rng)
     record: dict[str, LoraPair] = {}
@@ -142,7 +143,7 @@ def peft_state_dict_paired(tree: Any, pairing: Pairing, *, prefix: str = "", dty
     dotted). Only 2-D factors (``a (in, r)``, ``b (r, out)``, as for torch ``nn.Linear``) are supported; a pair
     with more axes is an error naming it.
     """
-    prefix = prefix if not prefix or prefix.endswith(".") else prefix + "."
+    prefix = _utils.norm_prefix(prefix)
     out: dict[str, np.ndarray] = {}
     for name, p in foreign_pairs(tree, pairing).items():
         if p.a.ndim != 2 or p.b.ndim != 2:
@@ -202,7 +203,7 @@ def save_peft_adapter_paired(
     """
     from .export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, _save_safetensors
 
-    prefix_n = prefix if not prefix or prefix.endswith(".") else prefix + "."
+    prefix_n = _utils.norm_prefix(prefix)
     tensors = peft_state_dict_paired(tree, pairing, prefix=prefix, dtype=dtype)
     info = {f"{prefix_n}{pairing.module_name(n)}": (p.rank, p.scale) for n, p in foreign_pairs(tree, pairing).items()}
     cfg = _peft_config(info, base_model_name_or_path, task_type)

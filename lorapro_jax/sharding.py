@@ -49,6 +49,7 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from . import _utils
 from .lora.nnx_lora import (
     KernelSpec,
     LoRAGate,
@@ -169,16 +170,9 @@ def tensor_parallel_rules(
 
 
 # -- paths and rules ----------------------------------------------------------------------------------
-def _key_str(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def path_str(keypath: Sequence[Any]) -> str:
     """Dotted string of a JAX key path, e.g. ``"layers.0.query.lora"`` (as NNX module paths)."""
-    return ".".join(_key_str(k) for k in keypath)
+    return _utils.path_string(keypath, ".")
 
 
 def _as_spec(value: Any, where: str) -> PartitionSpec:
@@ -311,12 +305,8 @@ def _var_metadata_spec(var: nnx.Variable) -> PartitionSpec | None:
     return None
 
 
-def _value(x: Any) -> Any:
-    return x.get_value() if isinstance(x, nnx.Variable) else x
-
-
 def _shape(x: Any) -> tuple[int, ...] | None:
-    v = _value(x)
+    v = _utils.unwrap(x)
     return tuple(v.shape) if hasattr(v, "shape") else None
 
 
@@ -415,14 +405,14 @@ def lora_partition_specs(
     # LoRA layers present in the tree (pair paths end in ".lora").
     pair_shapes = {}
     for p, leaf in by_path.items():
-        v = _value(leaf)
+        v = _utils.unwrap(leaf)
         if is_lora_pair(v) and p.endswith(".lora"):
             pair_shapes[p[: -len(".lora")]] = v
         elif is_lora_pair(v):
             raise ValueError(f"LoRA pair at {p!r}: expected its path to end in '.lora' (a LoRALayer's LoRAParam).")
 
     def spec_of(p: str, leaf: Any) -> Any:
-        v = _value(leaf)
+        v = _utils.unwrap(leaf)
         parent, _, name = p.rpartition(".")
         if is_lora_pair(v):
             return pair_spec_of(parent, v)
@@ -562,7 +552,7 @@ def named_shardings(specs: Any, mesh: Mesh, tree: Any | None = None) -> Any:
                     raise ValueError(f"{where}: PartitionSpec {spec} names mesh axis {name!r}; mesh axes are {tuple(sizes)}.")
             if x is not None and names:
                 k = math.prod(sizes[nm] for nm in names)
-                dim = _value(x).shape[i]
+                dim = _utils.unwrap(x).shape[i]
                 if dim % k:
                     raise ValueError(
                         f"{where}: dimension {i} of size {dim} is sharded over {names} ({k} devices), which does not divide it."

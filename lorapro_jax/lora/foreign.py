@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from .. import _utils
 from .pairing import LoraPair
 
 __all__ = ["Pairing", "PairPlan", "PairSpec", "name_pairing", "nnx_lora_pairing", "path_string"]
@@ -30,31 +31,13 @@ __all__ = ["Pairing", "PairPlan", "PairSpec", "name_pairing", "nnx_lora_pairing"
 Scale = float | Callable[[str], float | None]
 
 
-def _key_str(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def path_string(key_path: Sequence[Any]) -> str:
     """``"/"``-joined names of a JAX key path (``DictKey``, ``GetAttrKey``, ``SequenceKey`` ...)."""
-    return "/".join(_key_str(k) for k in key_path)
-
-
-def _is_variable(x: Any) -> bool:
-    from flax import nnx
-
-    return isinstance(x, nnx.Variable)
-
-
-def _unwrap(x: Any) -> Any:
-    get = getattr(x, "get_value", None)
-    return get() if callable(get) else x
+    return _utils.path_string(key_path, "/")
 
 
 def _flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_utils.is_variable)
     return [path_string(p) for p, _ in flat], [x for _, x in flat], treedef
 
 
@@ -101,7 +84,7 @@ class PairPlan:
     rest: tuple[int, ...]
 
     def _leaves(self, tree: Any, what: str) -> list[Any]:
-        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_variable)
+        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_utils.is_variable)
         if treedef != self.treedef:
             raise ValueError(
                 f"{self.pairing_name}: the {what} tree does not have the structure of the tree the pairs were found "
@@ -114,7 +97,7 @@ class PairPlan:
         """The caller's tree as ``{"pairs": {name: LoraPair}, "rest": {path: leaf}}``."""
         leaves = self._leaves(tree, what)
         pairs = {
-            s.name: LoraPair(_unwrap(leaves[s.a_index]), _unwrap(leaves[s.b_index]), s.scale, s.in_ndim)
+            s.name: LoraPair(_utils.unwrap(leaves[s.a_index]), _utils.unwrap(leaves[s.b_index]), s.scale, s.in_ndim)
             for s in self.pairs
         }
         return {"pairs": pairs, "rest": {self.paths[i]: leaves[i] for i in self.rest}}
@@ -193,7 +176,7 @@ class Pairing:
 
 
 def _shape(x: Any, path: str) -> tuple[int, ...]:
-    x = _unwrap(x)
+    x = _utils.unwrap(x)
     if not hasattr(x, "shape"):
         raise ValueError(f"LoRA factor at {path} is {type(x).__name__}, not an array.")
     return tuple(x.shape)

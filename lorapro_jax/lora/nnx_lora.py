@@ -24,6 +24,7 @@ from jaxtyping import Array, Float
 from .config import LoraConfig
 from .kernel_spec import KernelSpec, kernel_spec_for
 from .pairing import LoraPair, pair_matrices
+from .._utils import matches_targets, path_string
 from ..errors import check_config, check_module
 
 __all__ = [
@@ -232,10 +233,6 @@ class LoRALayer(nnx.Module):
 
 
 # -- module-tree helpers ------------------------------------------------------------------------------
-def _path_str(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def _iter(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Module]]:
     for path, node in nnx.iter_modules(model):
         yield tuple(path), node
@@ -243,11 +240,11 @@ def _iter(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Module]]:
 
 def adaptable_paths(model: nnx.Module) -> list[str]:
     """Dotted paths of every layer ``apply_lora`` can adapt (Linear / LinearGeneral / Einsum)."""
-    inside_lora = {_path_str(p) for p, m in _iter(model) if isinstance(m, LoRALayer)}
+    inside_lora = {path_string(p) for p, m in _iter(model) if isinstance(m, LoRALayer)}
     out = []
     for path, m in _iter(model):
-        if isinstance(m, _ADAPTABLE) and _path_str(path[:-1]) not in inside_lora:
-            out.append(_path_str(path))
+        if isinstance(m, _ADAPTABLE) and path_string(path[:-1]) not in inside_lora:
+            out.append(path_string(path))
     return out
 
 
@@ -288,13 +285,13 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.
     check_config(config, "apply_lora")
     chosen: list[tuple[tuple, nnx.Module]] = []
     unsupported: list[str] = []
-    inside_lora = {_path_str(p) for p, m in _iter(model) if isinstance(m, LoRALayer)}
+    inside_lora = {path_string(p) for p, m in _iter(model) if isinstance(m, LoRALayer)}
     for path, m in _iter(model):
-        ps = _path_str(path)
+        ps = path_string(path)
         if not path or not config.matches(ps):
             continue
-        if isinstance(m, LoRALayer) or (isinstance(m, _ADAPTABLE) and _path_str(path[:-1]) in inside_lora):
-            at = ps if isinstance(m, LoRALayer) else _path_str(path[:-1])
+        if isinstance(m, LoRALayer) or (isinstance(m, _ADAPTABLE) and path_string(path[:-1]) in inside_lora):
+            at = ps if isinstance(m, LoRALayer) else path_string(path[:-1])
             raise ValueError(
                 f"LoRA target {at!r} is already adapted (it is a LoRALayer; {ps!r} matched the targets "
                 f"{config.targets!r}). apply_lora adapts a layer once: to change its rank or config, rebuild "
@@ -316,13 +313,13 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.
         )
     if not isinstance(config.targets, str):
         for t in config.targets:
-            if not any(_path_str(p) == t or _path_str(p).endswith("." + t) for p, _ in chosen):
+            if not any(matches_targets([t], path_string(p)) for p, _ in chosen):
                 raise ValueError(
                     f"LoRA target {t!r} matches no adaptable layer. Adaptable paths: {adaptable_paths(model)}"
                 )
     dtype = jnp.dtype(config.param_dtype)
     for path, m in chosen:
-        ps = _path_str(path)
+        ps = path_string(path)
         spec = _spec_for(ps, m)
         r = config.rank_for(ps)
         layer = LoRALayer(
@@ -348,7 +345,7 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.
 
 def lora_layers(model: nnx.Module) -> dict[str, LoRALayer]:
     """``{dotted path: LoRALayer}`` for every adapted layer, in module order."""
-    return {_path_str(p): m for p, m in _iter(model) if isinstance(m, LoRALayer)}
+    return {path_string(p): m for p, m in _iter(model) if isinstance(m, LoRALayer)}
 
 
 def lora_state(model: nnx.Module) -> nnx.State:

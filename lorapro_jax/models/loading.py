@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .._utils import fit_report
 from .base import HFModule
 
 __all__ = [
@@ -649,16 +650,12 @@ def load_pretrained(
         got = tuple(_swap_last(tensors[key]).shape if transpose else tensors[key].shape)
         if want != got:
             mismatched.append(f"{key}: checkpoint {tuple(tensors[key].shape)} vs model {want} (after transpose: {transpose})")
-    if bad_missing or unexpected or mismatched:
-        parts = [f"Cannot load {path} into {cls.__name__}:"]
-        if bad_missing:
-            parts.append(f"  missing keys ({len(bad_missing)}): {bad_missing}")
-        if unexpected:
-            parts.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
-        if mismatched:
-            parts.append(f"  shape mismatches ({len(mismatched)}): {mismatched}")
-        parts.append("Use allow_missing=/allow_unexpected= regexes for keys that are expected to differ.")
-        raise CheckpointKeyError("\n".join(parts))
+    report = fit_report(bad_missing, unexpected, mismatched)
+    if report:
+        raise CheckpointKeyError(
+            "\n  ".join([f"Cannot load {path} into {cls.__name__}:", *report])
+            + "\nUse allow_missing=/allow_unexpected= regexes for keys that are expected to differ."
+        )
 
     loaded_paths = {names[k][0] for k in expected if k in tensors}
     model = abstract

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import jax.numpy as jnp
+from jax.numpy import matrix_transpose as _t  # (..., m, n) -> (..., n, m)
 from jaxtyping import Array, Float
 
 from ..lora.pairing import LoraPair, pair_matrices
@@ -44,10 +45,6 @@ __all__ = [
 XMode = Literal["sylvester", "zero", "symmetry"]
 X_MODES = ("sylvester", "zero", "symmetry")
 
-
-def _t(x: Array) -> Array:
-    """Transpose of the last two axes (batch axes stay in front)."""
-    return jnp.swapaxes(x, -1, -2)
 
 
 def check_x_mode(x_mode: str) -> None:
