@@ -67,10 +67,10 @@ from .rank import (
 )
 from .errors import CorruptFileError  # issue 10: bad files name the file
 # Foreign trees (qwix, flax nnx.LoRA, any tree with A and B as separate leaves): issue 9.
-from .lora import Pairing, PairPlan, name_pairing, nnx_lora_pairing, qwix_pairing
+from .pairings import Pairing, PairPlan, name_pairing, nnx_lora_pairing, qwix_pairing
 from .optim import PairedState, paired
-from .interop import foreign_pairs, lora_ga_init_paired, peft_state_dict_paired, save_peft_adapter_paired
-from .sharding import lora_partition_specs, optimizer_state_specs, shard_optimizer, tensor_parallel_rules
+from .init.paired import foreign_pairs, lora_ga_init_paired, peft_state_dict_paired, save_peft_adapter_paired
+from .parallel.sharding import lora_partition_specs, optimizer_state_specs, shard_optimizer, tensor_parallel_rules
 
 import importlib as _importlib
 

@@ -7,7 +7,7 @@ import re
 from typing import Literal, Sequence
 
 from .._utils import matches_targets
-from .pairing import lora_scale
+from .pair import lora_scale
 
 __all__ = ["LoraConfig"]
 

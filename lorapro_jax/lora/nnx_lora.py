@@ -23,7 +23,7 @@ from jaxtyping import Array, Float
 
 from .config import LoraConfig
 from .kernel_spec import KernelSpec, kernel_spec_for
-from .pairing import LoraPair, pair_matrices
+from .pair import LoraPair, pair_matrices
 from .._utils import matches_targets, path_string
 from ..errors import check_config, check_module
 

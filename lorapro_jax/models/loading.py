@@ -193,7 +193,7 @@ def _read_raw(file: Path, keys: Iterable[str]) -> dict[str, np.ndarray]:
 
 
 def _read_file(file: Path) -> dict[str, np.ndarray]:
-    from ..integrity import read_safetensors_header
+    from ..io.integrity import read_safetensors_header
 
     read_safetensors_header(file)  # names the file if it is truncated or not safetensors
     return _read_checked(file)
@@ -205,7 +205,7 @@ def _read_checked(file: Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
 
     from ..errors import CorruptFileError
-    from ..integrity import SAFETENSORS_EXPECTED
+    from ..io.integrity import SAFETENSORS_EXPECTED
 
     out: dict[str, np.ndarray] = {}
     fallback: list[str] = []
@@ -255,7 +255,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _read_sharded(index: Path) -> dict[str, np.ndarray]:
-    from ..integrity import read_json, require
+    from ..io.integrity import read_json, require
 
     expected = 'a safetensors index: {"weight_map": {tensor name: shard file name}}'
     doc = read_json(index, expected)
@@ -595,7 +595,7 @@ def load_pretrained(
     if config is None:
         from transformers import AutoConfig
 
-        from ..integrity import read_json, require
+        from ..io.integrity import read_json, require
 
         cfg_file = path / "config.json"
         if not path.is_dir():

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from .._utils import unwrap as unwrap_variable  # the value of an NNX Variable, else the leaf
-from ..lora.pairing import LoraPair, is_lora_pair
+from ..lora.pair import LoraPair, is_lora_pair
 
 __all__ = ["map_pairs", "check_finite", "require_params", "unwrap_variable"]
 

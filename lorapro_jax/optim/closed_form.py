@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.numpy import matrix_transpose as _t  # (..., m, n) -> (..., n, m)
 from jaxtyping import Array, Float
 
-from ..lora.pairing import LoraPair, pair_matrices
+from ..lora.pair import LoraPair, pair_matrices
 from .linalg import damped_pinv, solve_sylvester_psd
 
 __all__ = [

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ..lora.pairing import is_lora_pair
+from ..lora.pair import is_lora_pair
 
 __all__ = ["NonLoraMode", "lora_plus", "lora_plus_adamw", "scale_by_lora_plus"]
 

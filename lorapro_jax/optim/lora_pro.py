@@ -31,7 +31,7 @@ from jax.numpy import matrix_transpose as _t  # (..., m, n) -> (..., n, m)
 import optax
 from jaxtyping import Array, Float, Int
 
-from ..lora.pairing import LoraPair
+from ..lora.pair import LoraPair
 from ._grouping import PairRecord, map_groups, pair_mats, pair_update, stack
 from ._tree import Packed, map_pairs, require_params, unwrap_variable, unzip_packed
 from .nonfinite import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonfiniteMode, guard_nonfinite, resolve_on_nonfinite

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..errors import check_module, check_tx
 from ..lora.nnx_lora import LoRAParam
-from ..sharding import (
+from .sharding import (
     DATA_AXIS,
     Rules,
     has_explicit_axes,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CorruptFileError
+from ..errors import CorruptFileError
 from .integrity import fingerprints, require
 
 __all__ = ["load_json_item", "restore_item", "validate_meta", "verify_arrays"]

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import CorruptFileError
+from ..errors import CorruptFileError
 
 __all__ = ["fingerprint", "fingerprints", "read_json"]
 

@@ -49,15 +49,15 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from . import _utils
-from .lora.nnx_lora import (
+from .. import _utils
+from ..lora.nnx_lora import (
     KernelSpec,
     LoRAGate,
     LoRAMask,
     LoRAStat,
     lora_layers,
 )
-from .lora.pairing import LoraPair, is_lora_pair
+from ..lora.pair import LoraPair, is_lora_pair
 
 __all__ = [
     "P",
@@ -640,7 +640,7 @@ def shard_optimizer(
     """
     import optax
 
-    from .errors import check_tx
+    from ..errors import check_tx
 
     check_tx(tx, "shard_optimizer")
     pspecs = nnx.as_pure(params_specs)

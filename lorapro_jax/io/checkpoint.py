@@ -42,12 +42,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ._utils import fit_report, key_name
+from .._utils import fit_report, key_name
 from .checkpoint_checks import load_json_item, restore_item, validate_meta, verify_arrays
-from .errors import CorruptFileError, check_config, check_module, check_path
+from ..errors import CorruptFileError, check_config, check_module, check_path
 from .integrity import fingerprints
-from .lora.config import LoraConfig
-from .lora.nnx_lora import LoRAGate, LoRAMask, LoRAParam, LoRAStat, lora_layers
+from ..lora.config import LoraConfig
+from ..lora.nnx_lora import LoRAGate, LoRAMask, LoRAParam, LoRAStat, lora_layers
 
 __all__ = [
     "ADAPTER_FILTER",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .foreign import NamePairing, Pairing
+from .plan import NamePairing, Pairing
 
 __all__ = ["qwix_pairing", "QwixPairing"]
 

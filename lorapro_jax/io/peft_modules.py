@@ -15,15 +15,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ._utils import norm_prefix, path_string
-from .lora.nnx_lora import lora_layers
+from .._utils import norm_prefix, path_string
+from ..lora.nnx_lora import lora_layers
 
 __all__ = ["modules_to_save_state_dict", "modules_to_save_targets", "saved_modules"]
 
 
 def _hf_param_names() -> Callable[..., dict[str, tuple[tuple[Any, ...], bool]]]:
     try:
-        from .models import hf_param_names
+        from ..models import hf_param_names
     except ImportError as e:  # pragma: no cover - depends on the optional models package
         raise ImportError("modules_to_save needs lorapro_jax.models.hf_param_names.") from e
     return hf_param_names

@@ -42,12 +42,12 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Float
 
-from ._utils import matches_targets, norm_prefix
-from .errors import CorruptFileError, check_config, check_module, check_path
-from .lora.config import LoraConfig
-from .lora.nnx_lora import LoRALayer, LoRAParam, lora_layers, merge_and_unwrap
-from .lora.per_layer import LayerSlice, per_layer_view
-from .lora.pairing import lora_scale
+from .._utils import matches_targets, norm_prefix
+from ..errors import CorruptFileError, check_config, check_module, check_path
+from ..lora.config import LoraConfig
+from ..lora.nnx_lora import LoRALayer, LoRAParam, lora_layers, merge_and_unwrap
+from ..lora.per_layer import LayerSlice, per_layer_view
+from ..lora.pair import lora_scale
 from .peft_modules import (
     modules_to_save_state_dict,
     modules_to_save_targets,
@@ -115,7 +115,7 @@ def export_merged(model: nnx.Module, *, dtype: Any = None) -> dict[str, np.ndarr
 
 def _default_to_hf() -> Callable[[nnx.Module], dict[str, np.ndarray]]:
     try:
-        from .models import to_hf_state_dict
+        from ..models import to_hf_state_dict
     except ImportError as e:  # pragma: no cover - depends on the optional models package
         raise ImportError(
             "export_merged_hf needs lorapro_jax.models.to_hf_state_dict; pass to_hf_state_dict=... explicitly."

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .init.lora_ga import _check_options, _as_key, lora_ga_factors
-from . import _utils
-from .lora.foreign import Pairing, PairPlan, _flatten
-from .lora.pairing import LoraPair
+from .lora_ga import _check_options, _as_key, lora_ga_factors
+from .. import _utils
+from ..pairings.plan import Pairing, PairPlan, _flatten
+from ..lora.pair import LoraPair
 
 __all__ = ["foreign_pairs", "lora_ga_init_paired", "peft_state_dict_paired", "save_peft_adapter_paired"]
 
@@ -164,7 +164,7 @@ def peft_state_dict_paired(tree: Any, pairing: Pairing, *, prefix: str = "", dty
 
 
 def _peft_config(info: dict[str, tuple[int, float]], base_model_name_or_path: str | None, task_type: str | None) -> dict:
-    from .export import peft_module_rank_alpha
+    from ..io.peft import peft_module_rank_alpha
 
     clean = lambda x: float(f"{x:.10g}") if math.isclose(float(f"{x:.10g}"), x, rel_tol=1e-12) else x
     r = collections.Counter(rk for rk, _ in info.values()).most_common(1)[0][0]
@@ -201,7 +201,7 @@ def save_peft_adapter_paired(
     ``rank_pattern`` / ``alpha_pattern`` for the other layers, so PEFT rebuilds every layer's scale. Loadable with
     ``PeftModel.from_pretrained`` and :func:`lorapro_jax.export.load_peft_adapter`.
     """
-    from .export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, _save_safetensors
+    from ..io.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, _save_safetensors
 
     prefix_n = _utils.norm_prefix(prefix)
     tensors = peft_state_dict_paired(tree, pairing, prefix=prefix, dtype=dtype)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from .. import _utils
-from .pairing import LoraPair
+from ..lora.pair import LoraPair
 
 __all__ = ["Pairing", "PairPlan", "PairSpec", "name_pairing", "nnx_lora_pairing", "path_string"]
 
