@@ -1,13 +1,8 @@
-"""Export LoRA-adapted models: merged weights, and adapters in Hugging Face PEFT's format.
+"""LoRA adapters in Hugging Face PEFT's format: write, read, and the tensors and config in between.
 
-* :func:`export_merged` — every ``nnx.Param`` of the model with the adapters merged into the base
-  kernels (``W0 + s * a @ b``, Flax layout), keyed by the dotted path the model would have without
-  LoRA (the ``LoRALayer``'s ``.base`` level dropped).
-* :func:`export_merged_hf` — the same weights under Hugging Face names and torch layouts (through
-  :func:`lorapro_jax.models.to_hf_state_dict`), optionally written as ``model.safetensors``.
-* :func:`save_peft_adapter` / :func:`load_peft_adapter` — a PEFT LoRA adapter directory
-  (``adapter_model.safetensors`` + ``adapter_config.json``) that ``peft.PeftModel.from_pretrained``
-  loads onto the PyTorch base model, and its inverse (also to import adapters trained with PEFT).
+:func:`save_peft_adapter` / :func:`load_peft_adapter` — a PEFT LoRA adapter directory
+(``adapter_model.safetensors`` + ``adapter_config.json``) that ``peft.PeftModel.from_pretrained``
+loads onto the PyTorch base model, and its inverse (also to import adapters trained with PEFT).
 
 PEFT layout (torch, paper notation; ``W0`` is ``(out, in) = (m, n)``)::
 
@@ -15,10 +10,11 @@ PEFT layout (torch, paper notation; ``W0`` is ``(out, in) = (m, n)``)::
     base_model.model.<prefix><module>.lora_B.weight : (m, r)  = paper B = bᵀ
     W = W0 + scaling * B @ A,   scaling = lora_alpha / r   (lora_alpha / sqrt(r) with use_rslora)
 
-with per-module ``r`` and ``lora_alpha`` from ``rank_pattern`` / ``alpha_pattern`` (PEFT matches a
-pattern key ``k`` against a module name ``name`` with ``re.match(rf"(.*\\.)?({k})$", name)``; the
-first matching key wins). Gates and masks are folded into A on export (``a * a_mask * gate``), so the
-exported adapter is the effective one.
+with per-module ``r`` and ``lora_alpha`` from ``rank_pattern`` / ``alpha_pattern`` (the rules are in
+:mod:`lorapro_jax.io.peft_config`). Gates and masks are folded into A on export (``a * a_mask * gate``),
+so the exported adapter is the effective one. Modules trained in full (``modules_to_save``) are in
+:mod:`lorapro_jax.io.peft_modules`; trees that hold A and B as separate leaves in
+:mod:`lorapro_jax.io.peft_paired`.
 
 References: Hu et al., "LoRA", arXiv 2106.09685; Kalajdzievski, "rsLoRA", arXiv 2312.03732;
 Hugging Face PEFT (adapter file format).
@@ -26,13 +22,10 @@ Hugging Face PEFT (adapter file format).
 
 from __future__ import annotations
 
-import collections
 import json
-import math
 import os
 import re
-import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +38,16 @@ from jaxtyping import Float
 from .._utils import matches_targets, norm_prefix
 from ..errors import CorruptFileError, check_config, check_module, check_path
 from ..lora.config import LoraConfig
-from ..lora.nnx_lora import LoRALayer, LoRAParam, lora_layers, merge_and_unwrap
+from ..lora.nnx_lora import LoRALayer, lora_layers
 from ..lora.per_layer import LayerSlice, per_layer_view
-from ..lora.pair import lora_scale
-from .peft_modules import (
-    modules_to_save_state_dict,
-    modules_to_save_targets,
-    saved_modules,
-)
+from .integrity import read_json, require
+from .peft_config import common_rank_alpha, config_dict, peft_module_rank_alpha
+from .peft_modules import modules_to_save_state_dict, modules_to_save_targets, saved_modules
+from .safetensors import read_file, save_file
 
 __all__ = [
     "PEFT_CONFIG_NAME",
     "PEFT_WEIGHTS_NAME",
-    "export_merged",
-    "export_merged_hf",
     "load_peft_adapter",
     "modules_to_save_state_dict",
     "peft_config",
@@ -70,153 +59,6 @@ __all__ = [
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-
-
-# -- merged weights ------------------------------------------------------------------------------------
-def _unwrapped_key(path: tuple[str, ...], layer_paths: set[str]) -> tuple[str, str | None]:
-    """Drops the ``base`` level below a LoRALayer; returns (dotted key, owning LoRA path or None)."""
-    for i in range(len(path) - 1):
-        prefix = ".".join(path[:i])
-        if path[i] == "base" and prefix in layer_paths:
-            return ".".join(path[:i] + path[i + 1 :]), prefix
-    return ".".join(path), None
-
-
-def export_merged(model: nnx.Module, *, dtype: Any = None) -> dict[str, np.ndarray]:
-    """All parameters of ``model`` with every adapter merged into its base kernel (Flax layout).
-
-    The model is not modified. For an adapted layer at ``p`` the merged kernel
-    ``W0 + s * (a * a_mask * gate) @ b`` (computed in fp32, cast back to the kernel dtype) is returned
-    under ``"p.kernel"`` (not ``"p.base.kernel"``); already merged layers are returned as they are.
-    LoRA factors, gates, masks and statistics are not parameters of the merged model and are left out.
-
-    Args:
-      model: an NNX model, adapted or not.
-      dtype: cast every array to this dtype (default: keep each parameter's dtype).
-
-    Returns:
-      ``{dotted path: np.ndarray}`` — e.g. ``"encoder.layer.0.attention.self.query.kernel": (in, out)``.
-    """
-    check_module(model, "model", "export_merged", "export_merged(model)")
-    layers = lora_layers(model)
-    out: dict[str, np.ndarray] = {}
-    for vpath, var in nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))):
-        path = tuple(str(p) for p in vpath)
-        key, owner = _unwrapped_key(path, set(layers))
-        arr = var[...]
-        if owner is not None and path[-1] == "kernel" and not layers[owner].merged:
-            arr = (arr.astype(jnp.float32) + layers[owner].delta_kernel()).astype(arr.dtype)
-        if key in out:
-            raise ValueError(f"export_merged: two parameters map to the same key {key!r}.")
-        arr = np.asarray(jax.device_get(arr))
-        out[key] = arr.astype(dtype) if dtype is not None else arr
-    return out
-
-
-def _default_to_hf() -> Callable[[nnx.Module], dict[str, np.ndarray]]:
-    try:
-        from ..models import to_hf_state_dict
-    except ImportError as e:  # pragma: no cover - depends on the optional models package
-        raise ImportError(
-            "export_merged_hf needs lorapro_jax.models.to_hf_state_dict; pass to_hf_state_dict=... explicitly."
-        ) from e
-    return to_hf_state_dict
-
-
-def export_merged_hf(
-    model: nnx.Module,
-    out_file: str | os.PathLike | None = None,
-    *,
-    to_hf_state_dict: Callable[[nnx.Module], Mapping[str, np.ndarray]] | None = None,
-    dtype: Any = None,
-) -> dict[str, np.ndarray]:
-    """The merged model under Hugging Face names and torch layouts, optionally saved with safetensors.
-
-    A copy of ``model`` is merged and unwrapped (:func:`~lorapro_jax.merge_and_unwrap`), so its module
-    paths are the original ones (``encoder.layer.0.attention.self.query``, no ``.base``), and handed to
-    ``to_hf_state_dict`` (default: :func:`lorapro_jax.models.to_hf_state_dict`, which transposes Linear
-    kernels to ``(out, in)`` and renames ``kernel``/``scale``/``embedding`` to ``weight``). ``model``
-    itself is not modified.
-
-    Args:
-      model: a (LoRA-adapted) model whose paths mirror the HF module names.
-      out_file: if given, write the state dict there (``model.safetensors`` layout, ``format: pt``).
-      to_hf_state_dict: ``f(unwrapped_model) -> {hf_name: array}``.
-      dtype: cast every array to this dtype before returning / saving.
-
-    Returns:
-      ``{hf_name: np.ndarray}``.
-    """
-    check_module(model, "model", "export_merged_hf", "export_merged_hf(model, out_file)")
-    if out_file is not None:
-        check_path(out_file, "out_file", "export_merged_hf", "export_merged_hf(model, out_file)")
-    fn = to_hf_state_dict or _default_to_hf()
-    merged = merge_and_unwrap(nnx.clone(model))
-    sd = {k: np.asarray(jax.device_get(v)) for k, v in fn(merged).items()}
-    if dtype is not None:
-        sd = {k: v.astype(dtype) for k, v in sd.items()}
-    if out_file is not None:
-        _save_safetensors(sd, Path(out_file), {"format": "pt"})
-    return sd
-
-
-# -- safetensors I/O (bf16 included) ---------------------------------------------------------------------
-_ST_CODES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-}
-
-
-def _st_dtype(code: str) -> np.dtype:
-    for name, c in _ST_CODES.items():
-        if c == code:
-            return np.dtype(jnp.dtype(name))
-    raise TypeError(f"unsupported safetensors dtype {code!r}")
-
-
-def _save_safetensors(tensors: Mapping[str, np.ndarray], file: Path, metadata: dict[str, str]) -> None:
-    """Writes a safetensors file; numpy-native dtypes through ``safetensors.numpy``, bf16 by hand."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    if all(v.dtype.name in _ST_CODES and v.dtype.name != "bfloat16" for v in tensors.values()):
-        from safetensors.numpy import save_file
-
-        save_file(dict(tensors), str(file), metadata=metadata)
-        return
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset, blobs = 0, []
-    for k in sorted(tensors):
-        v = tensors[k]
-        if v.dtype.name not in _ST_CODES:
-            raise TypeError(f"cannot write tensor {k!r} of dtype {v.dtype} to safetensors")
-        raw = v.tobytes()
-        header[k] = {"dtype": _ST_CODES[v.dtype.name], "shape": list(v.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        for raw in blobs:
-            f.write(raw)
-
-
-def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
-    """Reads every tensor of a safetensors file as numpy (bf16 through ``ml_dtypes``)."""
-    from .integrity import read_safetensors_header
-
-    header, start_of_data = read_safetensors_header(file)
-    with open(file, "rb") as f:
-        f.seek(start_of_data)
-        data = f.read()
-    out = {}
-    for k, info in header.items():
-        if k == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        out[k] = np.frombuffer(data[start:end], dtype=_st_dtype(info["dtype"])).reshape(info["shape"]).copy()
-    return out
 
 
 # -- PEFT adapters ----------------------------------------------------------------------------------------
@@ -292,41 +134,6 @@ def peft_state_dict(
     return out
 
 
-def _pattern_key(keys: Sequence[str], name: str) -> str | None:
-    """PEFT's rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
-    for k in keys:
-        if re.match(rf"(.*\.)?({k})$", name):
-            return k
-    return None
-
-
-def peft_module_rank_alpha(config: Mapping[str, Any], module_name: str) -> tuple[int, float, float]:
-    """``(r, lora_alpha, scaling)`` that PEFT gives the module ``module_name`` under ``config``.
-
-    ``module_name`` is the module's name in the base model (``<prefix><path>``).
-    """
-    rp = config.get("rank_pattern") or {}
-    ap = config.get("alpha_pattern") or {}
-    rk, ak = _pattern_key(list(rp), module_name), _pattern_key(list(ap), module_name)
-    r = int(rp[rk]) if rk is not None else int(config["r"])
-    alpha = float(ap[ak]) if ak is not None else float(config["lora_alpha"])
-    return r, alpha, lora_scale(alpha, r, bool(config.get("use_rslora", False)))
-
-
-def _clean(x: float) -> float:
-    """Removes float noise (15.999999999999998 -> 16.0) when a short decimal is that close."""
-    short = float(f"{x:.10g}")
-    return short if math.isclose(short, x, rel_tol=1e-12) else x
-
-
-def _alpha_for(scale: float, r: int, rslora: bool) -> float:
-    return _clean(scale * (math.sqrt(r) if rslora else r))
-
-
-def _scale_ok(alpha: float, r: int, rslora: bool, scale: float) -> bool:
-    return math.isclose(lora_scale(alpha, r, rslora), scale, rel_tol=1e-9, abs_tol=0.0)
-
-
 def peft_config(
     model: nnx.Module,
     *,
@@ -364,12 +171,7 @@ def peft_config(
         rslora, r, alpha, dropout = config.rslora, config.rank, float(config.alpha), float(config.dropout)
     else:
         rslora, dropout = bool(use_rslora), 0.0
-        r = collections.Counter(rank for rank, _ in info.values()).most_common(1)[0][0]
-        alpha = collections.Counter(_alpha_for(s, rk, rslora) for rk, s in info.values()).most_common(1)[0][0]
-    rank_pattern = {name: rk for name, (rk, _) in info.items() if rk != r}
-    alpha_pattern = {
-        name: _alpha_for(s, rk, rslora) for name, (rk, s) in info.items() if not _scale_ok(alpha, rk, rslora, s)
-    }
+        r, alpha = common_rank_alpha(info, rslora)
     names = sorted(info)
     saved = None if modules_to_save is None else [prefix + p for p in saved_modules(model, modules_to_save, "peft_config")]
     if target_modules is None:
@@ -379,35 +181,11 @@ def peft_config(
         missed = [n for n in names if not matches_targets(target_modules, n)]
         if missed:
             raise ValueError(f"peft_config: target_modules {target_modules!r} do not match the adapted modules {missed}.")
-    cfg = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
-        "r": int(r),
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "target_modules": target_modules,
-        "use_rslora": rslora,
-        "fan_in_fan_out": False,
-        "bias": "none",
-        "modules_to_save": saved,
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "use_dora": False,
-    }
-    for name, (rk, s) in info.items():  # self-check with PEFT's own matching rules
-        pr, _, ps = peft_module_rank_alpha(cfg, name)
-        if pr != rk or not math.isclose(ps, s, rel_tol=1e-9):
-            raise ValueError(
-                f"peft_config: module {name!r} (rank {rk}, scale {s}) would get rank {pr}, scale {ps} in PEFT; "
-                "its rank_pattern / alpha_pattern key also matches another module name. Use distinct prefixes."
-            )
-    return cfg
+    return config_dict(
+        info, r=r, alpha=alpha, rslora=rslora, dropout=dropout, target_modules=target_modules,
+        modules_to_save=saved, base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+        who="peft_config",
+    )
 
 
 def save_peft_adapter(
@@ -477,7 +255,7 @@ def save_peft_adapter(
         tensors.update(modules_to_save_state_dict(model, modules_to_save, prefix=prefix, dtype=dtype))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _save_safetensors(tensors, out_dir / PEFT_WEIGHTS_NAME, {"format": "pt"})
+    save_file(tensors, out_dir / PEFT_WEIGHTS_NAME, {"format": "pt"})
     (out_dir / PEFT_CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return out_dir
 
@@ -486,8 +264,6 @@ _PEFT_CONFIG_EXPECTED = "a PEFT adapter_config.json: a JSON object with integer 
 
 
 def _read_peft_config(file: Path) -> dict[str, Any]:
-    from .integrity import read_json, require
-
     cfg = read_json(file, _PEFT_CONFIG_EXPECTED)
     require(isinstance(cfg, dict), file, _PEFT_CONFIG_EXPECTED, f"it holds a JSON {type(cfg).__name__}")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
@@ -550,7 +326,7 @@ def load_peft_adapter(
         raise ValueError(f"load_peft_adapter: {adapter_dir} holds a {cfg.get('peft_type')} adapter, not LORA.")
     if cfg.get("use_dora"):
         raise ValueError(f"load_peft_adapter: {adapter_dir} is a DoRA adapter (use_dora=true); not supported.")
-    tensors = _load_safetensors(adapter_dir / PEFT_WEIGHTS_NAME)
+    tensors = read_file(adapter_dir / PEFT_WEIGHTS_NAME)
     prefix = norm_prefix(prefix)
     layers = _exportable(model, allow_flatten, "load_peft_adapter", stacked_prefixes)
     saved_names = list(cfg.get("modules_to_save") or [])

@@ -3,7 +3,7 @@
 ``apply_lora(model, config, rngs=...)`` wraps every targeted ``nnx.Linear`` / ``nnx.LinearGeneral`` /
 ``nnx.Einsum`` in a :class:`LoRALayer` that computes ``base(x) + s * ((x @ a) * gate) @ b``
 without ever materialising ``W0 + s * a @ b`` in the forward pass. The factors live in a single
-:class:`LoRAParam` whose value is a :class:`~lorapro_jax.lora.pairing.LoraPair`, so
+:class:`LoRAParam` whose value is a :class:`~lorapro_jax.lora.pair.LoraPair`, so
 ``nnx.state(model, LoRAParam)`` is the explicit A/B pairing that the optimizers consume, and
 ``nnx.Optimizer(model, tx, wrt=LoRAParam)`` trains only the adapters.
 

@@ -11,7 +11,7 @@ Notation (paper layout): ``A`` is ``r x n``, ``B`` is ``m x r``, ``W = W0 + s B 
     ĝ_B = (I − B Q Bᵀ) g_B P / s² − B X
 
 Every function here takes any number of leading *batch* axes (``(*batch, r, n)`` etc.): the slices of a
-stacked :class:`~lorapro_jax.lora.pairing.LoraPair` and the groups of equal-shaped pairs that the
+stacked :class:`~lorapro_jax.lora.pair.LoraPair` and the groups of equal-shaped pairs that the
 transforms batch together are both solved in one call (batched matmuls and one batched ``eigh``), slice
 by slice exactly as if each were alone. :mod:`lorapro_jax.optim.lora_pro` (SGD, full and efficient
 Adam forms) and :mod:`lorapro_jax.optim.lean` import it; it imports neither.

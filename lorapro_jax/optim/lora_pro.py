@@ -15,7 +15,7 @@ and the equivalent gradient ``s (B ĝ_A + ĝ_B A) = P_B g + (I − P_B) g P_A`` 
 ``g`` (Frobenius norm) of the form ``s (B Ĝ_A + Ĝ_B A)``, whatever ``X`` is. ``X`` is chosen to keep
 ``ĝ`` close to the raw LoRA gradients (``"sylvester"``), or ``"symmetry"`` / ``"zero"``.
 
-The transforms work on pytrees whose LoRA factors are :class:`~lorapro_jax.lora.pairing.LoraPair`
+The transforms work on pytrees whose LoRA factors are :class:`~lorapro_jax.lora.pair.LoraPair`
 nodes (Flax layout: ``a = Aᵀ: (*in, r)``, ``b = Bᵀ: (r, *out)``); every other leaf passes through
 (SGD form) or gets plain Adam (Adam forms).
 """
