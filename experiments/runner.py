@@ -275,6 +275,8 @@ def _evaluate(r: _Run, epoch: int, split: str) -> tuple[dict[str, float], dict[s
     preds: dict[str, Any] = {}
     m = evaluate(r.model, data, r.session.spec, r.task, r.args.eval_batch_size, predictions=preds)
     r.log.write({"type": "eval", "step": r.step, "epoch": epoch, "split": split, **m})
+    value = m.get(r.task.primary_metric)
+    _say(r, f"{split} {r.task.primary_metric} {float(value):.4f}" if value is not None else f"{split} evaluated")
     if split == r.task.eval_split:
         r.last_eval, r.last_eval_predictions = m, preds
     return m, preds
@@ -371,8 +373,6 @@ def _train(r: _Run) -> None:
         if not r.args.eval_every:
             _evaluate(r, epoch, r.task.eval_split)
         _save(r, *position)
-    if r.progress is not None:
-        r.progress.close()
 
 
 def _final_eval(r: _Run) -> tuple[dict[str, float], dict[str, Any]]:
@@ -436,6 +436,8 @@ def run_single(
     _open_outputs(r)
     _train(r)
     final, preds = _final_eval(r)
+    if r.progress is not None:  # closed after the final evaluation, so the bar ends on its result
+        r.progress.close()
     r.log.close()
     if r.ckpt is not None:
         r.ckpt.wait_until_finished()
