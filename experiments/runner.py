@@ -44,6 +44,7 @@ from lorapro_jax.data import BucketedBatcher, load_tokenizer
 from . import alignment
 from .cli import resolve_method
 from .exporting import export_run
+from .records import read_jsonl
 from .methods import (
     MethodState,
     PeakLr,
@@ -141,13 +142,6 @@ def _rewind_log(path: Path, step: int) -> int:
     tmp.write_text("".join(keep))
     os.replace(tmp, path)
     return dropped
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @dataclasses.dataclass
@@ -251,7 +245,7 @@ def _restore(r: _Run) -> None:
         dropped = _rewind_log(r.run_dir / "metrics.jsonl", r.step)
         print(f"{r.name}: resuming from the checkpoint of step {r.step}"
               + (f"; dropped {dropped} log records written after it" if dropped else ""), file=sys.stderr)
-        for rec in _read_jsonl(r.run_dir / "metrics.jsonl"):
+        for rec in read_jsonl(r.run_dir / "metrics.jsonl", missing_ok=True):
             if rec.get("type") == "train":
                 r.epoch_losses.setdefault(rec["epoch"], []).append(rec["loss"])
                 r.last_loss = rec["loss"]
@@ -281,6 +275,8 @@ def _evaluate(r: _Run, epoch: int, split: str) -> tuple[dict[str, float], dict[s
     preds: dict[str, Any] = {}
     m = evaluate(r.model, data, r.session.spec, r.task, r.args.eval_batch_size, predictions=preds)
     r.log.write({"type": "eval", "step": r.step, "epoch": epoch, "split": split, **m})
+    value = m.get(r.task.primary_metric)
+    _say(r, f"{split} {r.task.primary_metric} {float(value):.4f}" if value is not None else f"{split} evaluated")
     if split == r.task.eval_split:
         r.last_eval, r.last_eval_predictions = m, preds
     return m, preds
@@ -377,8 +373,6 @@ def _train(r: _Run) -> None:
         if not r.args.eval_every:
             _evaluate(r, epoch, r.task.eval_split)
         _save(r, *position)
-    if r.progress is not None:
-        r.progress.close()
 
 
 def _final_eval(r: _Run) -> tuple[dict[str, float], dict[str, Any]]:
@@ -442,6 +436,8 @@ def run_single(
     _open_outputs(r)
     _train(r)
     final, preds = _final_eval(r)
+    if r.progress is not None:  # closed after the final evaluation, so the bar ends on its result
+        r.progress.close()
     r.log.close()
     if r.ckpt is not None:
         r.ckpt.wait_until_finished()

@@ -14,7 +14,9 @@ All single-run options (``--task``, ``--data-files``, ``--rank``, ``--epochs``, 
 ``experiments.finetune``. Output in ``<out-dir>/<sweep-name>/``: ``runs/<method>-lr<lr>-s<seed>/`` (one run
 each; a run is finished when its ``summary.json`` — or ``failed.json`` for a run that raised, e.g. diverged
 — exists, and is skipped when the sweep is started again), ``results.json``, ``results.md``,
-``accuracy_vs_lr.png`` and ``loss_at_chosen_lr.png``.
+``accuracy_vs_lr.png`` and ``loss_at_chosen_lr.png`` (tables: :func:`experiments.report.format_sweep_markdown`,
+plots: :func:`experiments.plot.plot_sweep`). A method whose chosen lr is the smallest or largest of its grid
+is reported with a warning (the best lr may lie outside the grid).
 
 Runs of one method share one compiled train step (the peak lr is a traced value); ``--jobs N`` runs N worker
 processes (each loads the model and data once), which also share compilations through JAX's persistent
@@ -32,24 +34,73 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import sweep_stats
 from .cli import HelpFormatter, add_run_arguments, csv_list, parse_args
+from .plot import plot_sweep
+from .records import read_jsonl
+from .report import format_sweep_markdown
 
-__all__ = ["build_parser", "main", "plan_runs", "run_dir_name", "summarize"]
+__all__ = ["RunSpec", "build_parser", "edge_warnings", "main", "plan_runs", "run_dir_name", "summarize"]
+
+
+class RunSpec(NamedTuple):
+    """One run of a sweep: a method at a peak learning rate with a seed (its directory: :func:`run_dir_name`)."""
+
+    method: str
+    lr: float
+    seed: int
 
 DEFAULT_LRS = "1e-4,3e-4,1e-3,3e-3,1e-2"
 DEFAULT_FULL_LRS = "1e-5,3e-5,1e-4,3e-4"
 
+_DESCRIPTION = """Learning-rate sweep: trains every method (--method) at every peak learning rate of its grid on the
+tuning seeds, picks each method's lr on the validation split, trains the other seeds at that lr, and reports
+the final (test) split."""
+
+_EPILOG = """how the lr is picked:
+  per method, the lr with the highest mean validation metric over --tune-seeds (ties: lower mean last-epoch
+  train loss, then the smaller lr); the test split is never used for the choice. A chosen lr at the edge of
+  its grid is reported with a warning: extend --lrs / --full-lrs / --method-lrs past it.
+
+what it writes, in <out-dir>/<sweep-name>/:
+  runs/<method>-lr<lr>-s<seed>/  one directory per run (summary.json, metrics.jsonl, predictions.npz;
+                                 failed.json for a run that raised, e.g. diverged)
+  results.json, results.md       chosen lrs, test mean +- std and 95% bootstrap intervals, differences to
+                                 --baselines, the validation grid
+  accuracy_vs_lr.png, loss_at_chosen_lr.png
+  settings.json                  the options of the runs (a later call with other options is refused)
+
+resuming: the sweep resumes by itself. Started again with the same --sweep-name, it skips every run whose
+  summary.json or failed.json exists and trains the rest. --checkpoint-dir DIR (with --resume on the next
+  call) also keeps orbax checkpoints in DIR/<method>-lr<lr>-s<seed>/, so an interrupted run continues from
+  its last checkpoint instead of restarting; both may be added or dropped between calls. Run directories
+  are always named <method>-lr<lr>-s<seed> (finetune's --run-name does not apply).
+
+example:
+  python -m experiments.sweep --method lora,lora-pro,full --lrs 3e-4,1e-3,3e-3 --full-lrs 3e-5,1e-4 \\
+      --seeds 0,1,2 --tune-seeds 0 --jobs 2 --sweep-name bbc-sweep
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m experiments.sweep``: every single-run option (minus ``--lr``) + the sweep's."""
-    p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=_DESCRIPTION, epilog=_EPILOG,
                                 formatter_class=HelpFormatter)
     add_run_arguments(p, with_lr=False)
+    for action in p._actions:  # the single-run options whose meaning differs inside a sweep
+        if action.dest == "out_dir":
+            action.help = "the sweep writes <out-dir>/<sweep-name>/"
+        elif action.dest == "run_name":
+            action.help = argparse.SUPPRESS  # run directories are named <method>-lr<lr>-s<seed>
+        elif action.dest == "checkpoint_dir":
+            action.help = ("also save orbax checkpoints of each run in <dir>/<method>-lr<lr>-s<seed>/ (for --resume; "
+                           "finished runs are skipped without them; default: no checkpoints)")
+        elif action.dest == "resume":
+            action.help = "continue an interrupted run from its latest checkpoint in --checkpoint-dir"
     g = p.add_argument_group("sweep")
     g.add_argument("--sweep-name", default=None, help="output directory <out-dir>/<sweep-name>/ (default: <task>-sweep)")
     g.add_argument("--lrs", default=DEFAULT_LRS, help="peak learning rates tried for the LoRA methods")
@@ -63,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--jobs", type=int, default=1, help="worker processes running the pending runs in parallel")
     g.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates of the 95%% intervals")
     g.add_argument("--baselines", default="full,lora",
-                   help="methods every other method is compared with (difference and paired interval), where in "
-                        "the sweep")
+                   help="methods every other method is compared with (test difference with a bootstrap interval "
+                        "paired over test examples); names not in --method are ignored")
     g.add_argument("--compile-cache", default="auto",
                    help="JAX persistent compilation cache directory; 'auto': <out-dir>/.jax_cache, 'none': off")
     g.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -110,15 +161,14 @@ def run_dir_name(method: str, lr: float, seed: int) -> str:
 
 
 def plan_runs(methods: Sequence[str], grid: dict[str, list[float]], tune_seeds: Sequence[int],
-              seeds: Sequence[int], chosen: dict[str, float] | None = None) -> list[tuple[str, float, int]]:
-    """``(method, lr, seed)`` to run: the grid on the tuning seeds, or (``chosen`` given) the other seeds at
-    the chosen lr."""
+              seeds: Sequence[int], chosen: dict[str, float] | None = None) -> list[RunSpec]:
+    """The runs to do: the grid on the tuning seeds, or (``chosen`` given) the other seeds at the chosen lr."""
     if chosen is None:
-        return [(m, lr, s) for m in methods for lr in grid[m] for s in tune_seeds]
-    return [(m, chosen[m], s) for m in methods for s in seeds if s not in tune_seeds]
+        return [RunSpec(m, lr, s) for m in methods for lr in grid[m] for s in tune_seeds]
+    return [RunSpec(m, chosen[m], s) for m in methods for s in seeds if s not in tune_seeds]
 
 
-def _finished(runs_dir: Path, spec: tuple[str, float, int]) -> bool:
+def _finished(runs_dir: Path, spec: RunSpec) -> bool:
     d = runs_dir / run_dir_name(*spec)
     return (d / "summary.json").is_file() or (d / "failed.json").is_file()
 
@@ -140,7 +190,7 @@ def _enable_compile_cache(args: argparse.Namespace) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _run_specs(args: argparse.Namespace, specs: Sequence[tuple[str, float, int]], runs_dir: Path) -> None:
+def _run_specs(args: argparse.Namespace, specs: Sequence[RunSpec], runs_dir: Path) -> None:
     """Run ``specs`` in this process (one session: the data and model load once); failures -> failed.json."""
     from .runner import open_session, run_single
 
@@ -165,17 +215,17 @@ def _worker_main(path: str) -> None:
     job = json.loads(Path(path).read_text())
     args = _resolve(job["argv"])
     args.no_progress = True
-    _run_specs(args, [tuple(s) for s in job["specs"]], Path(job["runs_dir"]))
+    _run_specs(args, [RunSpec(*s) for s in job["specs"]], Path(job["runs_dir"]))
 
 
-def _chunks(specs: list[tuple[str, float, int]], n: int) -> list[list[tuple[str, float, int]]]:
+def _chunks(specs: list[RunSpec], n: int) -> list[list[RunSpec]]:
     """Split sorted specs into ``n`` contiguous chunks of near-equal size (workers mostly see one method)."""
     specs = sorted(specs)
     bounds = np.linspace(0, len(specs), n + 1).round().astype(int)
     return [specs[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def execute(args: argparse.Namespace, argv: Sequence[str], specs: Sequence[tuple[str, float, int]]) -> None:
+def execute(args: argparse.Namespace, argv: Sequence[str], specs: Sequence[RunSpec]) -> None:
     """Run the unfinished ``specs``: in-process for ``--jobs 1``, else in ``--jobs`` worker processes."""
     runs_dir = args.sweep_dir / "runs"
     todo = [s for s in specs if not _finished(runs_dir, s)]
@@ -204,12 +254,7 @@ def execute(args: argparse.Namespace, argv: Sequence[str], specs: Sequence[tuple
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def load_run(runs_dir: Path, spec: tuple[str, float, int]) -> dict[str, Any]:
+def load_run(runs_dir: Path, spec: RunSpec) -> dict[str, Any]:
     """The record of one finished run (``sweep_stats`` format) with its loss curve and predictions."""
     method, lr, seed = spec
     d = runs_dir / run_dir_name(*spec)
@@ -219,7 +264,7 @@ def load_run(runs_dir: Path, spec: tuple[str, float, int]) -> dict[str, Any]:
                 "wall_time_s": info.get("wall_time_s")}
     s = json.loads((d / "summary.json").read_text())
     metric = s["primary_metric"]
-    records = _read_jsonl(d / "metrics.jsonl")
+    records = read_jsonl(d / "metrics.jsonl")
     train = [r for r in records if r.get("type") == "train"]
     # --log-alignment-every: cos(update, -full gradient) per measured step; step 1 of a warm-up is included
     align = [(r["step"], r["cos_overall"]) for r in records
@@ -321,6 +366,22 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def edge_warnings(grid: dict[str, list[float]], chosen: dict[str, float]) -> list[str]:
+    """One sentence per method whose chosen lr is the smallest or the largest of its grid (of 2 or more lrs):
+    the best lr may lie outside the grid."""
+    out = []
+    for m, lr in chosen.items():
+        lrs = sorted(grid.get(m, []))
+        if len(lrs) < 2 or lr not in (lrs[0], lrs[-1]):
+            continue
+        side, flag = ("smallest", "smaller") if lr == lrs[0] else ("largest", "larger")
+        opt = "--full-lrs" if m == "full" else "--lrs"
+        out.append(f"{m}: the chosen lr {lr:g} is the {side} of its grid {[f'{x:g}' for x in lrs]}; the best lr may be "
+                   f"{flag}: extend the grid ({opt} or --method-lrs {m}=...) and run the sweep again (finished runs "
+                   "are kept)")
+    return out
+
+
 def summarize(args: argparse.Namespace, runs: list[dict], chosen: dict[str, float], wall_s: float) -> dict[str, Any]:
     """The content of ``results.json`` (see the README's sweep section)."""
     ok = [r for r in runs if not r["failed"]]
@@ -334,6 +395,7 @@ def summarize(args: argparse.Namespace, runs: list[dict], chosen: dict[str, floa
         "interval": f"{100 * 0.95:.0f}% percentile bootstrap over seeds and test examples, {args.bootstrap} replicates "
                     "(experiments/sweep_stats.py)",
         "seeds": args.seed_list, "tune_seeds": args.tune_list, "grid": args.lr_grid,
+        "lr_edge_warnings": edge_warnings(args.lr_grid, chosen),
         "validation_by_lr": {m: {f"{lr:g}": c for lr, c in by.items()} for m, by in table.items()},
         "methods": {m: _method_result(args, m, lr, runs) for m, lr in chosen.items()},
         "differences": diffs,
@@ -345,127 +407,20 @@ def summarize(args: argparse.Namespace, runs: list[dict], chosen: dict[str, floa
     }
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:.2f}"
-
-
-def format_markdown(res: dict[str, Any]) -> str:
-    """``results.md``: the tuned comparison, the validation grid and the differences to full fine-tuning."""
-    metric, final = res["metric"], res["final_split"]
-    lines = [f"# Sweep `{res['sweep']}`: {res['task']}", "",
-             (f"lr chosen per method on {res['selection_split']} {metric} (tuning seeds {res['tune_seeds']}); "
-              f"{final} {metric} over seeds {res['seeds']}: mean ± std (sample std; one seed: no std) and "
-              f"{res['interval']}."), ""]
-    if res["selection_split"] == final:
-        lines += [f"**No test split: the {final} numbers are on the split the lr was chosen on (optimistic).**", ""]
-    lines += [(f"| method | lr | seeds | {res['selection_split']} (%) | {final} mean ± std (%) | 95% interval (%) | "
-               "train loss (last epoch / last step) | cos(ΔW, −g) | trainable | wall per run (s) |"), "|" + "---|" * 10]
-    for m, r in res["methods"].items():
-        if not r["seeds"]:
-            lines.append(f"| {m} | {r['chosen_lr']:g} | 0 | failed | | | | | | |")
-            continue
-        std = "" if r["test_std"] is None else f" ± {_pct(r['test_std'])}"
-        cos = "n/a" if r.get("alignment_cos_mean") is None else f"{r['alignment_cos_mean']:.3f}"
-        lines.append(f"| {m} | {r['chosen_lr']:g} | {len(r['seeds'])} | {_pct(r['val_mean'])} | "
-                     f"{_pct(r['test_mean'])}{std} | {_pct(r['ci_low'])} – {_pct(r['ci_high'])} | "
-                     f"{r['train_loss_last_epoch_mean']:.4f} / {r['last_step_train_loss_mean']:.4f} | {cos} | "
-                     f"{r['trainable_params']:,} | {r['wall_time_per_run_s']:.1f} |")
-    failed = {m: r["failed_seeds"] for m, r in res["methods"].items() if r["failed_seeds"]}
-    if failed:
-        lines += ["", f"Runs that failed at the chosen lr (left out of the mean and interval): {failed}"]
-    for base, diffs in res.get("differences", {}).items():
-        if not diffs:
-            continue
-        lines += ["", f"Difference to {base} ({final} {metric}, points; interval paired over test examples):", "",
-                  f"| method - {base} | difference | 95% interval | interval excludes 0 |", "|---|---|---|---|"]
-        for k, d in diffs.items():
-            lines.append(f"| {k} | {100 * d['diff']:+.2f} | {100 * d['low']:+.2f} – {100 * d['high']:+.2f} | "
-                         f"{'yes' if d['excludes_zero'] else 'no (within the interval)'} |")
-    lines += ["", f"Validation {metric} (%) by lr (mean over the tuning seeds; * chosen; failed runs: x):", ""]
-    for m, by in res["validation_by_lr"].items():
-        chosen = res["methods"][m]["chosen_lr"]
-        cells = [f"{lr}: " + ("x" if c["failed"] else _pct(c["val_mean"])) + ("*" if float(lr) == chosen else "")
-                 for lr, c in by.items()]
-        lines.append(f"- {m}: " + ", ".join(cells))
-    if any(r.get("alignment_cos_mean") is not None for r in res["methods"].values()):
-        lines += ["", ("cos(ΔW, −g): cosine between a step's update of the adapted kernels (for LoRA methods "
-                       "s·(B'A' − BA)) and the negative full fine-tuning gradient on the same batch "
-                       "(--log-alignment-every), mean over the measured steps and seeds at the chosen lr. By step "
-                       "(mean over seeds):"), ""]
-        for m, r in res["methods"].items():
-            if r.get("alignment_cos_by_step"):
-                lines.append(f"- {m}: " + ", ".join(f"step {k}: {v:.3f}" for k, v in r["alignment_cos_by_step"].items()))
-    cost = ", ".join(f"{m} {c['runs']} runs {c['run_wall_time_s'] / 60:.1f} min" for m, c in res["compute"].items())
-    lines += ["", f"Run time per method (sum of the runs' wall times, all invocations): {cost}.",
-              f"Sweep wall time {res['sweep_wall_time_s'] / 60:.1f} min (this invocation)."]
-    return "\n".join(lines) + "\n"
-
-
-def _styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """One distinct colour (tab20: up to 20 methods) and marker per method, the same in both plots."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab20" if len(methods) > 10 else "tab10"]
-    return {m: {"color": cmap(i % cmap.N), "marker": "osD^v<>ph*"[i % 10]} for i, m in enumerate(methods)}
-
-
-def _smooth(curve: np.ndarray, window: int) -> np.ndarray:
-    """Trailing moving average (the first points average what exists so far)."""
-    c = np.cumsum(np.insert(curve, 0, 0.0))
-    idx = np.arange(1, curve.size + 1)
-    lo = np.maximum(idx - window, 0)
-    return (c[idx] - c[lo]) / (idx - lo)
-
-
-def plot(res: dict[str, Any], out_dir: Path, smooth: int = 5) -> list[Path]:
-    """``accuracy_vs_lr.png`` (validation metric vs lr per method) and ``loss_at_chosen_lr.png`` (train loss,
-    mean over seeds, trailing moving average of ``smooth`` steps)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    style = _styles(list(res["methods"]))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for m, by in res["validation_by_lr"].items():
-        lrs = [float(lr) for lr in by]
-        vals = [100 * c["val_mean"] if np.isfinite(c["val_mean"]) else np.nan for c in by.values()]
-        ax.plot(lrs, vals, "-", label=m, **style[m])
-    ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel(f"{res['selection_split']} {res['metric']} (%)")
-    ax.set_title(f"{res['task']}: {res['metric']} vs lr (mean over tuning seeds)")
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    paths = [out_dir / "accuracy_vs_lr.png"]
-    fig.savefig(paths[0], dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for m, r in res["methods"].items():
-        if r["seeds"]:
-            curve = _smooth(np.asarray(r["loss_curve_mean"]), max(1, smooth))
-            ax.plot(np.arange(1, curve.size + 1), curve, label=f"{m} (lr {r['chosen_lr']:g})",
-                    color=style[m]["color"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss (mean over seeds)")
-    avg = f", moving average of {smooth} steps" if smooth > 1 else ""
-    ax.set_title(f"{res['task']}: train loss at each method's chosen lr{avg}")
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    paths.append(out_dir / "loss_at_chosen_lr.png")
-    fig.savefig(paths[1], dpi=120)
-    plt.close(fig)
-    return paths
-
-
 def _check_settings(args: argparse.Namespace) -> None:
     """Refuse to mix runs of different settings in one sweep directory (``settings.json``)."""
+    # options that do not change what a run computes (checkpointing and resuming included: see the epilog)
     ignore = {"jobs", "no_progress", "worker", "seeds", "seed_list", "tune_seeds", "tune_list", "lrs", "full_lrs",
-              "bootstrap", "compile_cache", "method", "methods", "sweep_dir", "baselines"}
+              "bootstrap", "compile_cache", "method", "methods", "sweep_dir", "baselines", "resume", "checkpoint_dir",
+              "checkpoint_every", "run_name"}
     mine = {k: v for k, v in vars(args).items() if k not in ignore and isinstance(v, (str, int, float, bool, type(None)))}
     path = args.sweep_dir / "settings.json"
     if path.is_file():
         old = json.loads(path.read_text())
+        if old.get("lora_pro_form") == "full":  # the deprecated spelling of the same form
+            old["lora_pro_form"] = "adamw"
+        for k in ("resume", "checkpoint_dir", "checkpoint_every", "run_name"):  # recorded by earlier versions
+            old.pop(k, None)
         diff = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
         if diff:
             raise SystemExit(f"{args.sweep_dir} holds runs made with other settings {diff} (old, new); "
@@ -494,10 +449,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     runs += [load_run(runs_dir, s) for s in rest]
     res = summarize(args, runs, chosen, time.perf_counter() - t0)
     (args.sweep_dir / "results.json").write_text(json.dumps(_finite(res), indent=2, allow_nan=False))
-    text = format_markdown(res)
+    text = format_sweep_markdown(res)
     (args.sweep_dir / "results.md").write_text(text)
-    plot(res, args.sweep_dir)
+    plot_sweep(res, args.sweep_dir)
     print(text)
+    for line in res["lr_edge_warnings"]:
+        print(f"[sweep] warning: {line}", file=sys.stderr)
     return res
 
 

@@ -67,16 +67,19 @@ from .rank import (
 )
 from .errors import CorruptFileError  # raised for a corrupt or truncated file; the message names the file
 # Foreign trees (qwix, flax nnx.LoRA, any tree with A and B as separate leaves): pairings find A and B.
-from .lora import Pairing, PairPlan, name_pairing, nnx_lora_pairing, qwix_pairing
+from .pairings import Pairing, PairPlan, name_pairing, nnx_lora_pairing, qwix_pairing
 from .optim import PairedState, paired
-from .interop import foreign_pairs, lora_ga_init_paired, peft_state_dict_paired, save_peft_adapter_paired
-from .sharding import lora_partition_specs, optimizer_state_specs, shard_optimizer, tensor_parallel_rules
+from .pairings import foreign_pairs
+from .init.paired import lora_ga_init_paired
+from .io.peft_paired import peft_state_dict_paired, save_peft_adapter_paired
+from .parallel.placement import shard_optimizer
+from .parallel.sharding import lora_partition_specs, optimizer_state_specs, tensor_parallel_rules
 
 import importlib as _importlib
 
 # Subpackages with heavier optional dependencies (transformers, datasets, orbax) load on first use:
-# ``lorapro_jax.models``, ``.data``, ``.checkpoint``, ``.export``, ``.parallel``.
-_LAZY = ("models", "data", "checkpoint", "export", "parallel")
+# ``lorapro_jax.models``, ``.data``, ``.checkpoint``, ``.export``, ``.sharding``, ``.io``, ``.parallel``.
+_LAZY = ("models", "data", "checkpoint", "export", "sharding", "io", "parallel")
 
 
 def __getattr__(name):

@@ -10,7 +10,7 @@ import pytest
 # (module, name): every public entry point listed here must have an example that passes.
 ENTRY_POINTS = [
     ("lorapro_jax.lora.config", "LoraConfig"),
-    ("lorapro_jax.lora.pairing", "LoraPair"),
+    ("lorapro_jax.lora.pair", "LoraPair"),
     ("lorapro_jax.lora.nnx_lora", "apply_lora"),
     ("lorapro_jax.optim.lora_pro", "scale_by_lora_pro"),
     ("lorapro_jax.optim.lora_pro", "lora_pro_sgd"),

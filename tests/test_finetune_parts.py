@@ -210,3 +210,30 @@ def test_no_train_head_freezes_the_head_for_every_method(tmp_path):
         assert changed and not any(head in p for p in changed), (method, sorted(changed)[:3])
         if method == "full":  # every other weight trains
             assert any("query" in p for p in changed) and any("embeddings" in p for p in changed)
+
+
+def test_finetune_help_says_what_no_arguments_does():
+    text = cli.build_parser().format_help()
+    assert "With no arguments it runs the embedded comparison" in text
+    assert "python -m experiments.finetune --method lora-pro --seeds 0,1,2" in text
+
+
+def test_lora_pro_form_full_is_a_deprecated_alias_of_adamw():
+    assert cli.parse_args([]).lora_pro_form == "adamw"
+    with pytest.warns(FutureWarning, match="--lora-pro-form full is deprecated.*--method full"):
+        args = cli.parse_args(["--lora-pro-form", "full"])
+    assert args.lora_pro_form == "adamw"
+    tx = methods._method_optimizer(args, "lora-pro")
+    assert tx.keywords["form"] == "full"  # the library's name of the same form
+
+
+def test_full_lr_following_lr_is_said(capsys):
+    from experiments import finetune
+
+    args = cli.parse_args(["--lr", "0.01", "--method", "lora,full"])
+    assert finetune.full_lr_follows_lr(args) and methods.peak_lr(args, "full") == 0.01
+    assert "full 0.01 (from --lr: no --full-lr given)" in finetune.lr_note(args, args.methods)
+    args = cli.parse_args(["--lr", "0.01", "--full-lr", "1e-4", "--method", "lora,full"])
+    assert not finetune.full_lr_follows_lr(args) and methods.peak_lr(args, "full") == 1e-4
+    note = finetune.lr_note(args, args.methods)
+    assert "full 0.0001" in note and "from --lr" not in note

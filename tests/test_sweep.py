@@ -241,3 +241,48 @@ def test_method_lrs_and_alignment_in_the_results(tmp_path, monkeypatch):
     assert "| 3.700 |" in (tmp_path / "bbc-sweep" / "results.md").read_text()
     with pytest.raises(SystemExit, match="METHOD=LR"):
         sweep.main([*ARGS, "--out-dir", str(tmp_path / "x"), "--method-lrs", "alora=1e-3"])
+
+
+def test_edge_warnings_name_the_method_and_the_side():
+    grid = {"lora": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4], "alone": [1e-3]}
+    got = sweep.edge_warnings(grid, {"lora": 3e-3, "full": 1e-4, "alone": 1e-3})
+    assert len(got) == 1 and got[0].startswith("full: the chosen lr 0.0001 is the largest of its grid")
+    assert "--full-lrs" in got[0]
+    got = sweep.edge_warnings(grid, {"lora": 1e-3, "full": 3e-5, "alone": 1e-3})
+    assert [g.split(":")[0] for g in got] == ["lora", "full"]
+    assert "smallest" in got[0] and "--lrs" in got[0] and "smaller" in got[0]
+
+
+def test_sweep_warns_on_grid_edges_and_resumes_with_checkpoint_options(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(sweep, "_run_specs", _fake_run_specs(calls))
+    argv = [*ARGS, "--out-dir", str(tmp_path), "--sweep-name", "e", "--seeds", "0"]
+    res = sweep.main(argv)
+    # lora picks 1e-3 and full 3e-5 (FAKE): both the smallest of their two-point grids
+    assert [w.split(":")[0] for w in res["lr_edge_warnings"]] == ["lora", "full"]
+    err = capsys.readouterr().err
+    assert "[sweep] warning: lora: the chosen lr 0.001 is the smallest" in err
+    assert "**Warning: full: the chosen lr 3e-05 is the smallest" in (tmp_path / "e" / "results.md").read_text()
+    # checkpointing / resume options do not change what a run computes: the sweep directory is reused
+    n = len(calls)
+    sweep.main([*argv, "--checkpoint-dir", str(tmp_path / "ck"), "--resume"])
+    assert len(calls) == n
+
+
+def test_sweep_help_is_plain_text_and_says_what_it_does():
+    text = sweep.build_parser().format_help()
+    assert "``" not in text and ":mod:" not in text and ":func:" not in text
+    for phrase in ("how the lr is picked", "results.json", "settings.json", "resuming:", "--checkpoint-dir",
+                   "names not in --method are ignored"):
+        assert phrase in text, phrase
+    assert "where in the sweep" not in text
+    # not offered as an option (run directories are <method>-lr<lr>-s<seed>); the epilog says why
+    assert "[--run-name" not in text and "\n  --run-name" not in text and "--run-name does not apply" in text
+
+
+def test_plan_runs_gives_named_specs():
+    specs = sweep.plan_runs(["lora"], {"lora": [1e-3, 1e-2]}, [0], [0, 1])
+    assert specs == [("lora", 1e-3, 0), ("lora", 1e-2, 0)]
+    assert all(isinstance(s, sweep.RunSpec) for s in specs) and specs[1].lr == 1e-2
+    rest = sweep.plan_runs(["lora"], {"lora": [1e-3, 1e-2]}, [0], [0, 1], chosen={"lora": 1e-2})
+    assert rest == [sweep.RunSpec("lora", 1e-2, 1)] and sweep.run_dir_name(*rest[0]) == "lora-lr0.01-s1"

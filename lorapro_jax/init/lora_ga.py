@@ -52,7 +52,7 @@ from jaxtyping import Array, Float
 from ..errors import check_config, check_module
 from ..lora.config import LoraConfig
 from ..lora.nnx_lora import LoRALayer, apply_lora, lora_layers
-from ..lora.pairing import LoraPair, pair_matrices
+from ..lora.pair import LoraPair, pair_matrices
 from .gradients import LossFn, estimate_full_gradients, paper_gradient
 from .svd import SvdMethod, truncated_svd
 

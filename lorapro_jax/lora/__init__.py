@@ -17,8 +17,6 @@ from .nnx_lora import (
     merge_lora,
     unmerge_lora,
 )
-from .pairing import LoraPair, is_lora_pair, lora_scale, pair_matrices
+from .pair import LoraPair, is_lora_pair, lora_scale, pair_matrices
 from .linen_lora import apply_linen_lora, init_linen_lora, linen_targets, merge_linen_lora
 from .optimizer import LoraOptimizer
-from .foreign import Pairing, PairPlan, PairSpec, name_pairing, nnx_lora_pairing, path_string
-from .qwix_pairing import qwix_pairing

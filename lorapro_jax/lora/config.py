@@ -6,7 +6,8 @@ import dataclasses
 import re
 from typing import Literal, Sequence
 
-from .pairing import lora_scale
+from .._utils import matches_targets
+from .pair import lora_scale
 
 __all__ = ["LoraConfig"]
 
@@ -78,9 +79,7 @@ class LoraConfig:
 
     def matches(self, path: str) -> bool:
         """Whether the dotted module ``path`` is targeted."""
-        if isinstance(self.targets, str):
-            return re.fullmatch(self.targets, path) is not None
-        return any(path == t or path.endswith("." + t) for t in self.targets)
+        return matches_targets(self.targets, path)
 
     def rank_for(self, path: str) -> int:
         """The rank used for the layer at ``path`` (``rank_overrides`` first, else ``rank``)."""

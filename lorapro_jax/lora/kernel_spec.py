@@ -1,6 +1,6 @@
 """How a base layer's kernel maps its input to its output: :class:`KernelSpec` and its reader.
 
-A kernel may carry *stack* axes in front of its matrix axes (see :mod:`lorapro_jax.lora.pairing`):
+A kernel may carry *stack* axes in front of its matrix axes (see :mod:`lorapro_jax.lora.pair`):
 
 * **layer axes**: leading axes added by ``nnx.vmap`` when blocks are created stacked for ``nnx.scan``
   (kernel ``(*layers, *per_layer_kernel)``). They are read off the kernel as the axes in front of the

@@ -25,7 +25,7 @@ from jaxtyping import Array
 
 from ..errors import check_config
 from .config import LoraConfig
-from .pairing import LoraPair, pair_matrices
+from .pair import LoraPair, pair_matrices
 
 __all__ = ["linen_targets", "init_linen_lora", "apply_linen_lora", "merge_linen_lora"]
 

@@ -3,7 +3,7 @@
 ``apply_lora(model, config, rngs=...)`` wraps every targeted ``nnx.Linear`` / ``nnx.LinearGeneral`` /
 ``nnx.Einsum`` in a :class:`LoRALayer` that computes ``base(x) + s * ((x @ a) * gate) @ b``
 without ever materialising ``W0 + s * a @ b`` in the forward pass. The factors live in a single
-:class:`LoRAParam` whose value is a :class:`~lorapro_jax.lora.pairing.LoraPair`, so
+:class:`LoRAParam` whose value is a :class:`~lorapro_jax.lora.pair.LoraPair`, so
 ``nnx.state(model, LoRAParam)`` is the explicit A/B pairing that the optimizers consume, and
 ``nnx.Optimizer(model, tx, wrt=LoRAParam)`` (or ``wrt=nnx.LoRAParam``, its flax base class) trains only the
 adapters.
@@ -24,7 +24,8 @@ from jaxtyping import Array, Float
 
 from .config import LoraConfig
 from .kernel_spec import KernelSpec, kernel_spec_for
-from .pairing import LoraPair, pair_matrices
+from .pair import LoraPair, pair_matrices
+from .._utils import matches_targets, path_string
 from ..errors import check_config, check_module
 
 __all__ = [
@@ -196,10 +197,6 @@ class LoRALayer(nnx.Module):
 
 
 # -- module-tree helpers ------------------------------------------------------------------------------
-def _path_str(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def _iter(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Module]]:
     for path, node in nnx.iter_modules(model):
         yield tuple(path), node
@@ -207,11 +204,11 @@ def _iter(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Module]]:
 
 def adaptable_paths(model: nnx.Module) -> list[str]:
     """Dotted paths of every layer ``apply_lora`` can adapt (Linear / LinearGeneral / Einsum)."""
-    inside_lora = {_path_str(p) for p, m in _iter(model) if isinstance(m, LoRALayer)}
+    inside_lora = {path_string(p) for p, m in _iter(model) if isinstance(m, LoRALayer)}
     out = []
     for path, m in _iter(model):
-        if isinstance(m, _ADAPTABLE) and _path_str(path[:-1]) not in inside_lora:
-            out.append(_path_str(path))
+        if isinstance(m, _ADAPTABLE) and path_string(path[:-1]) not in inside_lora:
+            out.append(path_string(path))
     return out
 
 
@@ -268,13 +265,13 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.
     check_config(config, "apply_lora")
     chosen: list[tuple[tuple, nnx.Module]] = []
     unsupported: list[str] = []
-    inside_lora = {_path_str(p) for p, m in _iter(model) if isinstance(m, LoRALayer)}
+    inside_lora = {path_string(p) for p, m in _iter(model) if isinstance(m, LoRALayer)}
     for path, m in _iter(model):
-        ps = _path_str(path)
+        ps = path_string(path)
         if not path or not config.matches(ps):
             continue
-        if isinstance(m, LoRALayer) or (isinstance(m, _ADAPTABLE) and _path_str(path[:-1]) in inside_lora):
-            at = ps if isinstance(m, LoRALayer) else _path_str(path[:-1])
+        if isinstance(m, LoRALayer) or (isinstance(m, _ADAPTABLE) and path_string(path[:-1]) in inside_lora):
+            at = ps if isinstance(m, LoRALayer) else path_string(path[:-1])
             raise ValueError(
                 f"LoRA target {at!r} is already adapted (it is a LoRALayer; {ps!r} matched the targets "
                 f"{config.targets!r}). apply_lora adapts a layer once: to change its rank or config, rebuild "
@@ -296,13 +293,13 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.
         )
     if not isinstance(config.targets, str):
         for t in config.targets:
-            if not any(_path_str(p) == t or _path_str(p).endswith("." + t) for p, _ in chosen):
+            if not any(matches_targets([t], path_string(p)) for p, _ in chosen):
                 raise ValueError(
                     f"LoRA target {t!r} matches no adaptable layer. Adaptable paths: {adaptable_paths(model)}"
                 )
     dtype = jnp.dtype(config.param_dtype)
     for path, m in chosen:
-        ps = _path_str(path)
+        ps = path_string(path)
         spec = kernel_spec_for(ps, m)
         r = config.rank_for(ps)
         layer = LoRALayer(
@@ -328,7 +325,7 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.
 
 def lora_layers(model: nnx.Module) -> dict[str, LoRALayer]:
     """``{dotted path: LoRALayer}`` for every adapted layer, in module order."""
-    return {_path_str(p): m for p, m in _iter(model) if isinstance(m, LoRALayer)}
+    return {path_string(p): m for p, m in _iter(model) if isinstance(m, LoRALayer)}
 
 
 def lora_state(model: nnx.Module) -> nnx.State:

@@ -17,7 +17,7 @@ from typing import Any
 from flax import nnx
 
 from .nnx_lora import LoRALayer
-from .pairing import LoraPair
+from .pair import LoraPair
 
 __all__ = ["LayerSlice", "declared_stacked_prefixes", "per_layer_view"]
 

@@ -14,7 +14,7 @@ Two layouts of the decoder stack, loading and saving the same Hugging Face check
 * ``scan_layers=True``: the layers are built once with ``nnx.vmap`` (every layer parameter gains a
   leading ``(num_hidden_layers,)`` axis, paths ``model.layers.self_attn.q_proj``) and run with
   ``nnx.scan``: one compiled layer, as large JAX models are trained. LoRA adapts the stacked kernels
-  as stacked pairs (:class:`~lorapro_jax.lora.pairing.LoraPair` with leading stack axes).
+  as stacked pairs (:class:`~lorapro_jax.lora.pair.LoraPair` with leading stack axes).
 
 ``remat_policy`` (either layout) wraps each layer call in ``nnx.remat`` with the named
 ``jax.checkpoint_policies`` policy (e.g. ``"nothing_saveable"``, ``"dots_saveable"``).

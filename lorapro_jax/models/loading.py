@@ -1,31 +1,15 @@
-"""Load Hugging Face safetensors checkpoints into the NNX models and export them back.
+"""Load Hugging Face safetensors checkpoints into the NNX models.
 
-Naming contract: the NNX attribute path of every parameter, joined with ``"."``, is the HF module
-name; the leaf maps as follows (torch ``nn.Linear`` stores ``(out, in)``, Flax ``(in, out)``):
-
-==================  =======================  ===========
-NNX leaf            HF suffix                transform
-==================  =======================  ===========
-``kernel``          ``weight``               transpose
-``embedding``       ``weight``               --
-``scale``           ``weight`` (LayerNorm)   --
-``weight``          ``weight`` (RMSNorm)     --
-``bias``            ``bias``                 --
-==================  =======================  ===========
-
-Stacked (scan-over-layers) layouts: a module whose ``hf_stacked()`` returns ``{"layers": L}`` holds its
-``L`` layers as one module with stacked parameters (leading axis ``L``). Its HF keys
-``<prefix>.layers.{i}.<rest>`` are stacked into one array on load and split back on export, so both
-layouts read and write the same per-layer checkpoints. Linear kernels are transposed on their last two
-axes only.
+:func:`load_pretrained` builds a model from a checkpoint directory (its ``config.json`` and safetensors
+weights), matching every HF key to an NNX parameter by the naming contract of
+:mod:`lorapro_jax.models.hf_names` (which also writes models back); :func:`read_safetensors` reads a
+single-file or sharded checkpoint through :mod:`lorapro_jax.io.safetensors`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,39 +19,27 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .._utils import fit_report
+from ..io.integrity import read_json, require
+from ..io.safetensors import read_file
 from .base import HFModule
+from .hf_names import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    CheckpointKeyError,
+    _per_layer_names,
+    _stack_layers,
+    _swap_last,
+    hf_param_names,
+    hf_stacked_prefixes,
+)
 
 __all__ = [
     "MODEL_REGISTRY",
-    "CheckpointKeyError",
-    "hf_param_names",
-    "hf_stacked_prefixes",
     "load_pretrained",
     "read_safetensors",
     "resolve_model_class",
-    "save_hf_checkpoint",
-    "to_hf_state_dict",
 ]
-
-#: NNX leaf name -> (HF leaf name, transpose?)
-_LEAF_MAP: dict[str, tuple[str, bool]] = {
-    "kernel": ("weight", True),
-    "embedding": ("weight", False),
-    "scale": ("weight", False),
-    "weight": ("weight", False),
-    "bias": ("bias", False),
-}
-
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-
-
-class CheckpointKeyError(KeyError):
-    """Raised when checkpoint and model disagree (missing / unexpected keys or wrong shapes)."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable.
-        return str(self.args[0]) if self.args else ""
-
 
 # ----------------------------------------------------------------------------------------------
 # Registry
@@ -150,78 +122,6 @@ def resolve_model_class(model_cls_or_name: type[HFModule] | str | None, config: 
 # safetensors reading
 # ----------------------------------------------------------------------------------------------
 
-_ST_DTYPES: dict[str, Any] = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-def _st_dtype(code: str) -> Any:
-    if code in _ST_DTYPES:
-        return _ST_DTYPES[code]
-    import ml_dtypes  # shipped with jax
-
-    extra = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
-    if code in extra:
-        return extra[code]
-    raise TypeError(f"Unsupported safetensors dtype {code}")
-
-
-def _read_raw(file: Path, keys: Iterable[str]) -> dict[str, np.ndarray]:
-    """Read tensors straight from the safetensors byte layout (used for bf16/fp8, which
-    ``safe_open(framework="numpy")`` cannot represent)."""
-    out: dict[str, np.ndarray] = {}
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        base = 8 + n
-        for k in keys:
-            info = header[k]
-            start, end = info["data_offsets"]
-            f.seek(base + start)
-            buf = f.read(end - start)
-            out[k] = np.frombuffer(buf, dtype=_st_dtype(info["dtype"])).reshape(info["shape"]).copy()
-    return out
-
-
-def _read_file(file: Path) -> dict[str, np.ndarray]:
-    from ..integrity import read_safetensors_header
-
-    read_safetensors_header(file)  # names the file if it is truncated or not safetensors
-    return _read_checked(file)
-
-
-def _read_checked(file: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    from safetensors import SafetensorError
-
-    from ..errors import CorruptFileError
-    from ..integrity import SAFETENSORS_EXPECTED
-
-    out: dict[str, np.ndarray] = {}
-    fallback: list[str] = []
-    try:
-        with safe_open(str(file), framework="numpy") as f:
-            for k in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                try:
-                    out[k] = f.get_tensor(k)
-                except TypeError:  # bfloat16 etc. have no numpy dtype
-                    fallback.append(k)
-    except SafetensorError as e:
-        raise CorruptFileError(file, SAFETENSORS_EXPECTED, f"SafetensorError: {e}") from e
-    if fallback:
-        out.update(_read_raw(file, fallback))
-    return out
-
-
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a (possibly sharded) safetensors checkpoint into ``{hf_name: np.ndarray}``.
 
@@ -241,11 +141,11 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if path.is_file():
         if path.name.endswith(".index.json"):
             return _read_sharded(path)
-        return _read_file(path)
+        return read_file(path)
     index = path / SAFE_WEIGHTS_INDEX_NAME
     single = path / SAFE_WEIGHTS_NAME
     if single.is_file():
-        return _read_file(single)
+        return read_file(single)
     if index.is_file():
         return _read_sharded(index)
     raise FileNotFoundError(
@@ -254,8 +154,6 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _read_sharded(index: Path) -> dict[str, np.ndarray]:
-    from ..integrity import read_json, require
-
     expected = 'a safetensors index: {"weight_map": {tensor name: shard file name}}'
     doc = read_json(index, expected)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
@@ -267,108 +165,13 @@ def _read_sharded(index: Path) -> dict[str, np.ndarray]:
             raise FileNotFoundError(f"{index.parent / shard}: shard listed in {index} does not exist")
     out: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
-        tensors = _read_file(index.parent / shard)
+        tensors = read_file(index.parent / shard)
         wanted = {k for k, v in weight_map.items() if v == shard}
         missing = wanted - tensors.keys()
         if missing:
             raise CheckpointKeyError(f"Shard {shard} lacks keys listed in {index.name}: {sorted(missing)}")
         out.update(tensors)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Name mapping
-# ----------------------------------------------------------------------------------------------
-
-
-def _hf_key(path: tuple[Any, ...]) -> tuple[str, bool] | None:
-    leaf = str(path[-1])
-    if leaf not in _LEAF_MAP:
-        return None
-    hf_leaf, transpose = _LEAF_MAP[leaf]
-    return ".".join([str(p) for p in path[:-1]] + [hf_leaf]), transpose
-
-
-def hf_param_names(model: nnx.Module, *, ignore_unknown: bool = False) -> dict[str, tuple[tuple[Any, ...], bool]]:
-    """Map every ``nnx.Param`` of ``model`` to its HF checkpoint key.
-
-    Returns:
-        ``{hf_key: (nnx_path, transpose)}`` where ``transpose`` is ``True`` for Linear kernels.
-
-    Raises:
-        ValueError: a parameter leaf has no HF equivalent (e.g. an un-merged LoRA factor) and
-            ``ignore_unknown`` is false.
-    """
-    out: dict[str, tuple[tuple[Any, ...], bool]] = {}
-    unknown = []
-    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        m = _hf_key(path)
-        if m is None:
-            unknown.append(".".join(map(str, path)))
-            continue
-        key, transpose = m
-        if key in out:
-            raise ValueError(f"Two parameters map to the same HF key {key!r}")
-        out[key] = (tuple(path), transpose)
-    if unknown and not ignore_unknown:
-        raise ValueError(
-            "Parameters without a Hugging Face equivalent (merge adapters first or pass "
-            f"ignore_unknown=True): {unknown}"
-        )
-    return out
-
-
-def to_hf_state_dict(model: nnx.Module, *, ignore_unknown: bool = False) -> dict[str, np.ndarray]:
-    """Export a model's parameters under Hugging Face names and layouts.
-
-    Linear kernels ``(in, out)`` are transposed back to torch ``(out, in)``; everything else is
-    copied as is. Stacked (scan-over-layers) parameters are written as per-layer keys. Tied weights
-    (e.g. ``lm_head`` of a tied Llama) are not duplicated, matching what ``save_pretrained`` writes.
-
-    Args:
-        model: any model from :mod:`lorapro_jax.models` (or a sub-module: names are then relative).
-        ignore_unknown: skip parameters whose leaf has no HF equivalent instead of raising.
-
-    Returns:
-        ``{hf_name: np.ndarray}`` ready for ``safetensors.numpy.save_file``.
-    """
-    out: dict[str, np.ndarray] = {}
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    for key, (path, transpose) in hf_param_names(model, ignore_unknown=ignore_unknown).items():
-        arr = np.asarray(jax.device_get(flat[path][...]))
-        out[key] = np.ascontiguousarray(_swap_last(arr) if transpose else arr)
-    return _unstack_layers(out, hf_stacked_prefixes(model))
-
-
-def save_hf_checkpoint(
-    model: HFModule,
-    directory: str | os.PathLike,
-    *,
-    config: Any | None = None,
-    ignore_unknown: bool = False,
-) -> Path:
-    """Write ``model.safetensors`` (+ ``config.json``) in Hugging Face layout.
-
-    Args:
-        model: model to export (merge LoRA adapters before exporting a full checkpoint).
-        directory: output directory (created if needed).
-        config: config to write; defaults to ``model.config``. ``None`` and no ``model.config``:
-            only the weights are written.
-        ignore_unknown: see :func:`to_hf_state_dict`.
-
-    Returns:
-        The output directory.
-    """
-    from safetensors.numpy import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf_state_dict(model, ignore_unknown=ignore_unknown), str(directory / SAFE_WEIGHTS_NAME),
-              metadata={"format": "pt"})
-    config = config if config is not None else getattr(model, "config", None)
-    if config is not None:
-        config.save_pretrained(str(directory))
-    return directory
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,97 +185,6 @@ def _compile(patterns: str | Iterable[str] | None) -> list[re.Pattern[str]]:
     if isinstance(patterns, str):
         patterns = [patterns]
     return [re.compile(p) for p in patterns]
-
-
-def hf_stacked_prefixes(model: nnx.Module) -> dict[str, int]:
-    """HF name prefixes of stacked layer collections in ``model``, with their layer counts.
-
-    E.g. ``{"model.layers": 32}`` for a ``LlamaForCausalLM(..., scan_layers=True)``; ``{}`` for
-    unrolled models. Read from every sub-module's ``hf_stacked()`` (see the module docstring).
-    """
-    out: dict[str, int] = {}
-    for path, node in nnx.iter_graph(model):
-        get = getattr(node, "hf_stacked", None)
-        if isinstance(node, nnx.Module) and callable(get):
-            for attr, count in get().items():
-                out[".".join([*map(str, path), attr])] = int(count)
-    return out
-
-
-def _split_stacked(key: str, stacked: Mapping[str, int]) -> tuple[str, str] | None:
-    """``(prefix, rest)`` when ``key`` is ``<prefix>.<rest>`` for a stacked prefix (rest not a layer index)."""
-    for prefix in stacked:
-        if key.startswith(prefix + "."):
-            rest = key[len(prefix) + 1 :]
-            if not rest.split(".", 1)[0].isdigit():
-                return prefix, rest
-    return None
-
-
-def _per_layer_names(names: Iterable[str], stacked: Mapping[str, int]) -> set[str]:
-    """The per-layer HF keys that the (possibly stacked) model names stand for."""
-    out: set[str] = set()
-    for key in names:
-        hit = _split_stacked(key, stacked)
-        if hit is None:
-            out.add(key)
-        else:
-            prefix, rest = hit
-            out.update(f"{prefix}.{i}.{rest}" for i in range(stacked[prefix]))
-    return out
-
-
-def _stack_layers(
-    tensors: dict[str, np.ndarray], expected: set[str], stacked: Mapping[str, int], where: Any
-) -> dict[str, np.ndarray]:
-    """Stacks ``<prefix>.{i}.<rest>`` (i = 0..L-1) into ``<prefix>.<rest>`` for every expected stacked name.
-
-    Raises:
-        CheckpointKeyError: some but not all layers of a stacked name are present, or their shapes
-            or dtypes differ (the message names the keys).
-    """
-    if not stacked:
-        return tensors
-    out = dict(tensors)
-    for key in sorted(expected):
-        hit = _split_stacked(key, stacked)
-        if hit is None:
-            continue
-        prefix, rest = hit
-        layer_keys = [f"{prefix}.{i}.{rest}" for i in range(stacked[prefix])]
-        present = [k for k in layer_keys if k in tensors]
-        if not present:
-            continue  # reported as missing by the caller
-        if len(present) != len(layer_keys):
-            absent = [k for k in layer_keys if k not in tensors]
-            raise CheckpointKeyError(f"Cannot load {where}: stacked parameter {key!r} lacks layers {absent}.")
-        parts = [out.pop(k) for k in layer_keys]
-        if len({(p.shape, p.dtype) for p in parts}) != 1:
-            shapes = {k: (tuple(p.shape), str(p.dtype)) for k, p in zip(layer_keys, parts)}
-            raise CheckpointKeyError(f"Cannot load {where}: layers of {key!r} differ in shape or dtype: {shapes}")
-        out[key] = np.stack(parts)
-    return out
-
-
-def _unstack_layers(tensors: dict[str, np.ndarray], stacked: Mapping[str, int]) -> dict[str, np.ndarray]:
-    """Inverse of :func:`_stack_layers`: ``<prefix>.<rest>`` of shape ``(L, ...)`` to per-layer keys."""
-    if not stacked:
-        return tensors
-    out: dict[str, np.ndarray] = {}
-    for key, arr in tensors.items():
-        hit = _split_stacked(key, stacked)
-        if hit is None:
-            out[key] = arr
-            continue
-        prefix, rest = hit
-        for i in range(stacked[prefix]):
-            out[f"{prefix}.{i}.{rest}"] = np.ascontiguousarray(arr[i])
-    return out
-
-
-def _swap_last(arr: Any) -> Any:
-    """Transposes a (possibly stacked) Linear kernel on its last two axes."""
-    return np.swapaxes(arr, -1, -2)
 
 
 def _matches(key: str, pats: list[re.Pattern[str]]) -> bool:
@@ -594,7 +306,7 @@ def load_pretrained(
     if config is None:
         from transformers import AutoConfig
 
-        from ..integrity import read_json, require
+        from ..io.integrity import read_json, require
 
         cfg_file = path / "config.json"
         if not path.is_dir():
@@ -649,16 +361,12 @@ def load_pretrained(
         got = tuple(_swap_last(tensors[key]).shape if transpose else tensors[key].shape)
         if want != got:
             mismatched.append(f"{key}: checkpoint {tuple(tensors[key].shape)} vs model {want} (after transpose: {transpose})")
-    if bad_missing or unexpected or mismatched:
-        parts = [f"Cannot load {path} into {cls.__name__}:"]
-        if bad_missing:
-            parts.append(f"  missing keys ({len(bad_missing)}): {bad_missing}")
-        if unexpected:
-            parts.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
-        if mismatched:
-            parts.append(f"  shape mismatches ({len(mismatched)}): {mismatched}")
-        parts.append("Use allow_missing=/allow_unexpected= regexes for keys that are expected to differ.")
-        raise CheckpointKeyError("\n".join(parts))
+    report = fit_report(bad_missing, unexpected, mismatched)
+    if report:
+        raise CheckpointKeyError(
+            "\n  ".join([f"Cannot load {path} into {cls.__name__}:", *report])
+            + "\nUse allow_missing=/allow_unexpected= regexes for keys that are expected to differ."
+        )
 
     loaded_paths = {names[k][0] for k in expected if k in tensors}
     model = abstract

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ..lora.pairing import LoraPair, pair_matrices
+from ..lora.pair import LoraPair, pair_matrices
 from ._tree import Packed, map_pairs
 from .closed_form import check_pair
 

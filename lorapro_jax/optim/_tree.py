@@ -7,15 +7,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ..lora.pairing import LoraPair, is_lora_pair
+from .._utils import unwrap as unwrap_variable  # the value of an NNX Variable, else the leaf
+from ..lora.pair import LoraPair, is_lora_pair
 
 __all__ = ["map_pairs", "check_finite", "require_params", "unwrap_variable"]
-
-
-def unwrap_variable(x: Any) -> Any:
-    """Returns the value of an NNX Variable (as found in optimizer states), else ``x``."""
-    get = getattr(x, "get_value", None)
-    return get() if callable(get) else x
 
 
 def map_pairs(

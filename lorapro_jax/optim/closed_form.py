@@ -11,7 +11,7 @@ Notation (paper layout): ``A`` is ``r x n``, ``B`` is ``m x r``, ``W = W0 + s B 
     ĝ_B = (I − B Q Bᵀ) g_B P / s² − B X
 
 Every function here takes any number of leading *batch* axes (``(*batch, r, n)`` etc.): the slices of a
-stacked :class:`~lorapro_jax.lora.pairing.LoraPair` and the groups of equal-shaped pairs that the
+stacked :class:`~lorapro_jax.lora.pair.LoraPair` and the groups of equal-shaped pairs that the
 transforms batch together are both solved in one call (batched matmuls and one batched ``eigh``), slice
 by slice exactly as if each were alone. :mod:`lorapro_jax.optim.lora_pro` (SGD, full and efficient
 Adam forms) and :mod:`lorapro_jax.optim.lean` import it; it imports neither.
@@ -22,9 +22,10 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import jax.numpy as jnp
+from jax.numpy import matrix_transpose as _t  # (..., m, n) -> (..., n, m)
 from jaxtyping import Array, Float
 
-from ..lora.pairing import LoraPair, pair_matrices
+from ..lora.pair import LoraPair, pair_matrices
 from .linalg import damped_pinv, solve_sylvester_psd
 
 __all__ = [
@@ -44,10 +45,6 @@ __all__ = [
 XMode = Literal["sylvester", "zero", "symmetry"]
 X_MODES = ("sylvester", "zero", "symmetry")
 
-
-def _t(x: Array) -> Array:
-    """Transpose of the last two axes (batch axes stay in front)."""
-    return jnp.swapaxes(x, -1, -2)
 
 
 def check_x_mode(x_mode: str) -> None:

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.numpy import matrix_transpose as _t  # (..., m, n) -> (..., n, m)
 import optax
 from jaxtyping import Array, Float, Int
 
@@ -103,9 +104,6 @@ def truncated_sum(
         right = jnp.pad(right, batch + [(0, k - kk), (0, 0)])
     return left, right
 
-
-def _t(x):
-    return jnp.swapaxes(x, -1, -2)
 
 
 def _lean_group(group: list[PairRecord], count, b1, b2, eps, eps_row, delta, x_mode) -> list[Packed]:

@@ -8,14 +8,11 @@ slice, in one batched ``eigh`` call. Everything here works on TPU, GPU and CPU: 
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax.numpy import matrix_transpose as _t  # (..., m, n) -> (..., n, m)
 from jaxtyping import Array, Float
 
 __all__ = ["damped_pinv", "solve_sylvester_psd"]
 
-
-def _t(x):
-    """Transpose of the last two axes (leading batch axes stay in front)."""
-    return jnp.swapaxes(x, -1, -2)
 
 
 def damped_pinv(m: Float[Array, "*batch r r"], delta: float, rtol: float | None = None) -> Float[Array, "*batch r r"]:

@@ -5,7 +5,7 @@ With ``W = W0 + s B A`` (paper layout; Flax ``a = Aᵀ``, ``b = Bᵀ``), LoRA+ s
 ``λ ≈ 16`` (the paper recommends 2^4 for most tasks).
 
 As an optax transformation, :func:`scale_by_lora_plus` multiplies the ``b`` part of every
-:class:`~lorapro_jax.lora.pairing.LoraPair` update by ``λ`` and leaves ``a`` as it is. Placed AFTER the
+:class:`~lorapro_jax.lora.pair.LoraPair` update by ``λ`` and leaves ``a`` as it is. Placed AFTER the
 whole optimizer (``optax.chain(optimizer, scale_by_lora_plus(λ))``, which is :func:`lora_plus`) it is
 exactly a per-parameter learning rate: every optax optimizer's final update is linear in its learning
 rate, so B's step is that of the optimizer run with ``λ η``, including decoupled weight decay
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ..lora.pairing import is_lora_pair
+from ..lora.pair import is_lora_pair
 from .nonfinite import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonfiniteMode, guard_nonfinite
 
 __all__ = ["NonLoraMode", "lora_plus", "lora_plus_adamw", "scale_by_lora_plus"]

@@ -15,7 +15,7 @@ and the equivalent gradient ``s (B ĝ_A + ĝ_B A) = P_B g + (I − P_B) g P_A`` 
 ``g`` (Frobenius norm) of the form ``s (B Ĝ_A + Ĝ_B A)``, whatever ``X`` is. ``X`` is chosen to keep
 ``ĝ`` close to the raw LoRA gradients (``"sylvester"``), or ``"symmetry"`` / ``"zero"``.
 
-The transforms work on pytrees whose LoRA factors are :class:`~lorapro_jax.lora.pairing.LoraPair`
+The transforms work on pytrees whose LoRA factors are :class:`~lorapro_jax.lora.pair.LoraPair`
 nodes (Flax layout: ``a = Aᵀ: (*in, r)``, ``b = Bᵀ: (r, *out)``); every other leaf passes through
 (SGD form) or gets plain Adam (Adam forms).
 """
@@ -27,12 +27,13 @@ from typing import Any, Literal, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+from jax.numpy import matrix_transpose as _t  # (..., m, n) -> (..., n, m)
 import optax
 from jaxtyping import Array, Float, Int
 
-from ..lora.pairing import LoraPair
+from ..lora.pair import LoraPair
 from ._grouping import PairRecord, map_groups, pair_mats, pair_update, stack
-from ._tree import Packed, map_pairs, require_params, unzip_packed
+from ._tree import Packed, map_pairs, require_params, unwrap_variable, unzip_packed
 from .nonfinite import DEFAULT_MAX_CONSECUTIVE_SKIPS, NonfiniteMode, guard_nonfinite
 from .closed_form import (
     XMode,
@@ -64,9 +65,6 @@ __all__ = [
 Form = Literal["full", "efficient", "lean"]
 _FORMS = ("full", "efficient", "lean")
 
-
-def _t(x):
-    return jnp.swapaxes(x, -1, -2)
 
 
 def _sgd_group(group: list[PairRecord], delta: float, x_mode: str) -> list[LoraPair]:
@@ -453,6 +451,4 @@ def base_decay_factor(opt_state: Any) -> Float[Array, ""]:
     jax.tree.map(visit, opt_state, is_leaf=lambda x: isinstance(x, LoraProDecayState))
     if not found:
         return jnp.ones([], jnp.float32)
-    v = found[0]
-    get = getattr(v, "get_value", None)
-    return jnp.asarray(get() if callable(get) else v)
+    return jnp.asarray(unwrap_variable(found[0]))

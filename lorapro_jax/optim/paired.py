@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from ..lora.foreign import Pairing, PairPlan
-from ..lora.pairing import is_lora_pair
+from ..pairings.plan import Pairing, PairPlan
+from ..lora.pair import is_lora_pair
 
 __all__ = ["paired", "PairedState"]
 

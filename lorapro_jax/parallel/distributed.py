@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ..sharding import DATA_AXIS
+from .sharding import DATA_AXIS
 
 __all__ = ["initialize", "process_batch_slice", "global_batch"]
 

@@ -24,15 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..errors import check_module, check_tx
 from ..lora.nnx_lora import LoRAParam
-from ..sharding import (
-    DATA_AXIS,
-    Rules,
-    has_explicit_axes,
-    lora_partition_specs,
-    named_shardings,
-    optimizer_state_specs,
-    shard_tree,
-)
+from .placement import has_explicit_axes, named_shardings, shard_tree
+from .sharding import DATA_AXIS, Rules, lora_partition_specs, optimizer_state_specs
 
 __all__ = ["TrainState", "shard_for_training", "make_train_step"]
 

@@ -53,7 +53,7 @@ from jaxtyping import Array, Float
 from ..errors import check_config, check_module
 from ..lora.config import LoraConfig
 from ..lora.nnx_lora import apply_lora
-from ..lora.pairing import LoraPair, is_lora_pair
+from ..lora.pair import LoraPair, is_lora_pair
 from .masks import (
     _layers,
     _slot_mask_like,

@@ -13,7 +13,7 @@ from lorapro_jax.models import DEFAULT_LORA_TARGETS, LlamaForCausalLM, load_pret
 
 lora_cfg = pytest.importorskip("lorapro_jax.lora.config")
 nnx_lora = pytest.importorskip("lorapro_jax.lora.nnx_lora")
-pairing = pytest.importorskip("lorapro_jax.lora.pairing")
+pairing = pytest.importorskip("lorapro_jax.lora.pair")
 export = pytest.importorskip("lorapro_jax.export")
 
 

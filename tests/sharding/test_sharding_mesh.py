@@ -3,7 +3,7 @@
 XLA_FLAGS must be set before JAX starts, so the measurements run in two fresh processes
 (_mesh_worker.py "transformer" and "optimizer", started together); this file holds the expectations.
 
-What the design guarantees (lorapro_jax/sharding.py): with a kernel W0: (n, m) sharded P(i, o), the
+What the design guarantees (lorapro_jax/parallel/sharding.py): with a kernel W0: (n, m) sharded P(i, o), the
 factors are a: (n, r) ~ P(i, None) and b: (r, m) ~ P(None, o), and LoRA-Pro's full-form moments
 (n, m) ~ P(i, o). Every n x m quantity of the full-form update (the equivalent gradient
 s (ĝ_a b + a ĝ_b), mu, nu, the Adam direction d) is elementwise in arrays sharded P(i, o) or the

@@ -2,7 +2,7 @@
 
 A restore reads the JSON metadata and every array group into fresh arrays, checks them here (metadata
 schema, every recorded leaf present with its recorded shape and dtype, the fingerprints recorded at save
-time, see :mod:`lorapro_jax.integrity`) and only then writes them into the model / optimizer. Every
+time, see :mod:`lorapro_jax.io.integrity`) and only then writes them into the model / optimizer. Every
 failure is a :class:`~lorapro_jax.errors.CorruptFileError` naming the file or directory and what was
 expected there.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CorruptFileError
+from ..errors import CorruptFileError
 from .integrity import fingerprints, require
 
 __all__ = ["load_json_item", "restore_item", "validate_meta", "verify_arrays"]

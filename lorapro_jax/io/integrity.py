@@ -1,10 +1,11 @@
 """Integrity checks for what the library reads back: array fingerprints and checked JSON.
 
 * :func:`fingerprints` — a 32-bit fingerprint of every array of a pytree, computed on device in one
-  jitted pass (sharded arrays included: it is a reduction). :mod:`lorapro_jax.checkpoint` stores them
+  jitted pass (sharded arrays included: it is a reduction). :mod:`lorapro_jax.io.checkpoint` stores them
   in a checkpoint's metadata and recomputes them after a restore, so a flipped bit, a truncated array
   file or an array of another checkpoint is reported instead of silently loaded.
-* :func:`read_json` — ``json.load`` of a file whose errors name the file and what was expected.
+* :func:`read_json` — ``json.load`` of a file whose errors name the file and what was expected;
+  :func:`require` — the check that raises :class:`~lorapro_jax.errors.CorruptFileError`.
 
 The fingerprint of an array ``x`` with raw bits ``u_i`` (its bytes viewed as unsigned integers of the
 element width, widened to ``uint32``) is ``sum_i mix(u_i) * (2 i + 1) mod 2**32`` with the bijection
@@ -24,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import CorruptFileError
+from ..errors import CorruptFileError
 
-__all__ = ["fingerprint", "fingerprints", "read_json"]
+__all__ = ["fingerprint", "fingerprints", "read_json", "require"]
 
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
@@ -78,50 +79,3 @@ def require(cond: bool, path: str | os.PathLike, expected: str, detail: str) -> 
     """Raises :class:`CorruptFileError` (``path``, ``expected``, ``detail``) unless ``cond``."""
     if not cond:
         raise CorruptFileError(path, expected, detail)
-
-
-SAFETENSORS_EXPECTED = "a safetensors file (8-byte little-endian header length, JSON header, tensor bytes)"
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-
-
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """``(header, data_start)`` of a safetensors file, checked against the file's size.
-
-    Every tensor entry must have a known dtype, a shape of non-negative ints and ``data_offsets`` that
-    lie inside the file and hold exactly ``prod(shape) * itemsize`` bytes.
-
-    Raises:
-      FileNotFoundError: no such file.
-      CorruptFileError: anything else is wrong (the message names the file and the problem).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file; expected {SAFETENSORS_EXPECTED}")
-    size = os.path.getsize(path)
-    require(size >= 8, path, SAFETENSORS_EXPECTED, f"the file has {size} bytes, fewer than the 8-byte header length")
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        require(8 + n <= size, path, SAFETENSORS_EXPECTED, f"the header length {n} exceeds the file size {size}")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(path, SAFETENSORS_EXPECTED, f"the header is not valid JSON: {e}") from e
-    require(isinstance(header, dict), path, SAFETENSORS_EXPECTED, "the header is not a JSON object")
-    data_len = size - 8 - n
-    for k, info in header.items():
-        if k == "__metadata__":
-            continue
-        ok = (isinstance(info, dict) and info.get("dtype") in _ST_ITEMSIZE and isinstance(info.get("shape"), list)
-              and all(isinstance(d, int) and d >= 0 for d in info["shape"])
-              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-              and all(isinstance(o, int) for o in info["data_offsets"]))
-        require(ok, path, SAFETENSORS_EXPECTED, f"tensor {k!r} has a malformed header entry {info!r}")
-        start, end = info["data_offsets"]
-        want = int(np.prod(info["shape"], dtype=np.int64)) * _ST_ITEMSIZE[info["dtype"]]
-        require(0 <= start <= end <= data_len, path, SAFETENSORS_EXPECTED,
-                f"tensor {k!r} lies at bytes [{start}, {end}) but the file holds {data_len} data bytes (truncated?)")
-        require(end - start == want, path, SAFETENSORS_EXPECTED,
-                f"tensor {k!r} has {end - start} bytes, its shape {info['shape']} and dtype {info['dtype']} need {want}")
-    return header, 8 + n

@@ -15,18 +15,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .lora.nnx_lora import lora_layers
+from .._utils import norm_prefix, path_string
+from ..lora.nnx_lora import lora_layers
 
 __all__ = ["modules_to_save_state_dict", "modules_to_save_targets", "saved_modules"]
 
 
-def _norm_prefix(prefix: str) -> str:
-    return prefix if not prefix or prefix.endswith(".") else prefix + "."
-
-
 def _hf_param_names() -> Callable[..., dict[str, tuple[tuple[Any, ...], bool]]]:
     try:
-        from .models import hf_param_names
+        from ..models import hf_param_names
     except ImportError as e:  # pragma: no cover - depends on the optional models package
         raise ImportError("modules_to_save needs lorapro_jax.models.hf_param_names.") from e
     return hf_param_names
@@ -36,7 +33,7 @@ def saved_modules(model: nnx.Module, paths: Sequence[str], who: str) -> dict[str
     """``{path: module}`` for ``modules_to_save``; each must exist and hold no LoRA layer."""
     if isinstance(paths, str):
         raise TypeError(f"{who}: modules_to_save must be a list of module paths, got the string {paths!r}.")
-    modules = {_path_of(p): n for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)}
+    modules = {path_string(p): n for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)}
     layers = lora_layers(model)
     out = {}
     for path in paths:
@@ -49,10 +46,6 @@ def saved_modules(model: nnx.Module, paths: Sequence[str], who: str) -> dict[str
     return out
 
 
-def _path_of(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def modules_to_save_state_dict(
     model: nnx.Module, modules_to_save: Sequence[str], *, prefix: str = "", dtype: Any = np.float32
 ) -> dict[str, np.ndarray]:
@@ -61,7 +54,7 @@ def modules_to_save_state_dict(
     PEFT writes a module it trains in full as ``base_model.model.<name>.<param>`` in torch layout (a
     Linear's ``weight`` is ``(out, in)``); :func:`lorapro_jax.models.hf_param_names` gives the names.
     """
-    prefix = _norm_prefix(prefix)
+    prefix = norm_prefix(prefix)
     hf_names = _hf_param_names()
     out = {}
     for path, module in saved_modules(model, modules_to_save, "modules_to_save_state_dict").items():
@@ -83,7 +76,7 @@ def modules_to_save_targets(
     hf_names = _hf_param_names()
     layers = lora_layers(model)
     chosen: list[tuple[str, nnx.Module]] = []
-    candidates = [(_path_of(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module) and p]
+    candidates = [(path_string(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Module) and p]
     for path, module in sorted(candidates, key=lambda t: len(t[0])):
         if not any((prefix + path).endswith(e) for e in names):
             continue

@@ -20,7 +20,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .foreign import NamePairing, Pairing
+from .names import NamePairing
+from .plan import Pairing
 
 __all__ = ["qwix_pairing", "QwixPairing"]
 
@@ -123,7 +124,7 @@ def qwix_pairing(provider: Any) -> Pairing:
       provider: the ``qwix.LoraProvider`` the model was adapted with.
 
     Returns:
-      A :class:`~lorapro_jax.lora.foreign.Pairing`; its plan raises ``ValueError`` naming the path for a factor
+      A :class:`~lorapro_jax.pairings.Pairing`; its plan raises ``ValueError`` naming the path for a factor
       without its partner, a factor whose module no LoraRule matches (or whose rank differs from the rule's),
       and a tree without any qwix LoRA factor.
     """

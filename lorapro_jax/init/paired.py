@@ -1,36 +1,27 @@
-"""LoRA-GA init and PEFT export for trees that hold A and B as separate leaves (qwix, ``nnx.LoRA``, any tree).
+"""LoRA-GA init for trees that hold A and B as separate leaves (qwix, ``nnx.LoRA``, any tree).
 
-The same :class:`~lorapro_jax.lora.foreign.Pairing` that :func:`~lorapro_jax.paired` uses finds the pairs. Where
-the layout allows it these functions do what :func:`~lorapro_jax.lora_ga_init` and
-:func:`~lorapro_jax.export.save_peft_adapter` do for our own ``apply_lora`` models; elsewhere they raise a
-``ValueError`` that says which layer and why ("not supported for this pairing").
+The same :class:`~lorapro_jax.pairings.Pairing` that :func:`~lorapro_jax.paired` uses finds the pairs. Where
+the layout allows it :func:`lora_ga_init_paired` does what :func:`~lorapro_jax.lora_ga_init` does for our own
+``apply_lora`` models; elsewhere it raises a ``ValueError`` that says which layer and why ("not supported for
+this pairing"). PEFT export of such trees: :mod:`lorapro_jax.io.peft_paired`.
 
 LoRA-GA: Wang et al., "LoRA-GA: Low-Rank Adaptation with Gradient Approximation", arXiv 2407.05000.
 """
 
 from __future__ import annotations
 
-import collections
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from .init.lora_ga import _check_options, _as_key, lora_ga_factors
-from .lora.foreign import Pairing, PairPlan, _flatten, _unwrap
-from .lora.pairing import LoraPair
+from .. import _utils
+from ..lora.pair import LoraPair
+from ..pairings.plan import Pairing, PairPlan, _flatten
+from .lora_ga import _as_key, _check_options, lora_ga_factors
 
-__all__ = ["foreign_pairs", "lora_ga_init_paired", "peft_state_dict_paired", "save_peft_adapter_paired"]
-
-
-def foreign_pairs(tree: Any, pairing: Pairing) -> dict[str, LoraPair]:
-    """``{layer name: LoraPair(a, b, scale)}`` of a tree, as the pairing sees it."""
-    return dict(pairing.plan(tree).pack(tree)["pairs"])
+__all__ = ["lora_ga_init_paired"]
 
 
 def _kernel_index(plan: PairPlan, pairing: Pairing, name: str, who: str) -> int:
@@ -89,7 +80,7 @@ def lora_ga_init_paired(
     _check_options(direction, scale_mode, svd, stable_gamma)
     plan = pairing.plan(params)
     paths, leaves, treedef = _flatten(params)
-    leaves = [_unwrap(x) for x in leaves]
+    leaves = [_utils.unwrap(x) for x in leaves]
     specs = plan.pair_by_name()
     key = _as_key(key)
     record: dict[str, LoraPair] = {}
@@ -133,81 +124,3 @@ def lora_ga_init_paired(
         leaves[spec.a_index], leaves[spec.b_index] = a, b
         record[name] = LoraPair(a, b, spec.scale)
     return jax.tree_util.tree_unflatten(treedef, leaves), record
-
-
-def peft_state_dict_paired(tree: Any, pairing: Pairing, *, prefix: str = "", dtype: Any = np.float32) -> dict[str, np.ndarray]:
-    """PEFT tensors ``base_model.model.<prefix><module>.lora_{A,B}.weight`` (``(r, in)``, ``(out, r)``) of a tree.
-
-    ``<module>`` is ``pairing.module_name(layer)`` (qwix: the module path, ``nnx.LoRALinear``: the layer's path,
-    dotted). Only 2-D factors (``a (in, r)``, ``b (r, out)``, as for torch ``nn.Linear``) are supported; a pair
-    with more axes is an error naming it.
-    """
-    prefix = prefix if not prefix or prefix.endswith(".") else prefix + "."
-    out: dict[str, np.ndarray] = {}
-    for name, p in foreign_pairs(tree, pairing).items():
-        if p.a.ndim != 2 or p.b.ndim != 2:
-            raise ValueError(
-                f"peft_state_dict_paired: not supported for layer {name!r}: factors a{tuple(p.a.shape)}, "
-                f"b{tuple(p.b.shape)} have more than 2 axes; PEFT's LoRA adapts 2-D nn.Linear weights."
-            )
-        module = pairing.module_name(name)
-        a_t, b_t = np.asarray(jax.device_get(p.a)).T, np.asarray(jax.device_get(p.b)).T
-        if dtype is not None:
-            a_t, b_t = a_t.astype(dtype), b_t.astype(dtype)
-        for kind, x in (("A", a_t), ("B", b_t)):
-            key = f"base_model.model.{prefix}{module}.lora_{kind}.weight"
-            if key in out:
-                raise ValueError(f"peft_state_dict_paired: two layers map to the PEFT module {prefix}{module!r}.")
-            out[key] = np.ascontiguousarray(x)
-    return out
-
-
-def _peft_config(info: dict[str, tuple[int, float]], base_model_name_or_path: str | None, task_type: str | None) -> dict:
-    from .export import peft_module_rank_alpha
-
-    clean = lambda x: float(f"{x:.10g}") if math.isclose(float(f"{x:.10g}"), x, rel_tol=1e-12) else x
-    r = collections.Counter(rk for rk, _ in info.values()).most_common(1)[0][0]
-    alpha = collections.Counter(clean(s * rk) for rk, s in info.values()).most_common(1)[0][0]
-    cfg = {
-        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, "inference_mode": True, "r": int(r), "lora_alpha": alpha, "lora_dropout": 0.0,
-        "target_modules": sorted(info), "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
-        "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {m: rk for m, (rk, _) in info.items() if rk != r},
-        "alpha_pattern": {m: clean(s * rk) for m, (rk, s) in info.items() if not math.isclose(alpha / rk, s, rel_tol=1e-9)},
-        "use_dora": False,
-    }
-    for m, (rk, s) in info.items():  # the scales PEFT will compute, by its own matching rules
-        pr, _, ps = peft_module_rank_alpha(cfg, m)
-        if pr != rk or not math.isclose(ps, s, rel_tol=1e-9):
-            raise ValueError(f"save_peft_adapter_paired: module {m!r} (rank {rk}, scale {s}) would get rank {pr}, scale {ps} in PEFT.")
-    return cfg
-
-
-def save_peft_adapter_paired(
-    tree: Any,
-    pairing: Pairing,
-    out_dir: str | os.PathLike,
-    *,
-    base_model_name_or_path: str | None,
-    prefix: str = "",
-    task_type: str | None = None,
-    dtype: Any = np.float32,
-) -> Path:
-    """Writes a PEFT adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``) from a foreign tree.
-
-    Tensors as :func:`peft_state_dict_paired`; ``r`` / ``lora_alpha`` the most common rank and ``scale · r``, with
-    ``rank_pattern`` / ``alpha_pattern`` for the other layers, so PEFT rebuilds every layer's scale. Loadable with
-    ``PeftModel.from_pretrained`` and :func:`lorapro_jax.export.load_peft_adapter`.
-    """
-    from .export import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, _save_safetensors
-
-    prefix_n = prefix if not prefix or prefix.endswith(".") else prefix + "."
-    tensors = peft_state_dict_paired(tree, pairing, prefix=prefix, dtype=dtype)
-    info = {f"{prefix_n}{pairing.module_name(n)}": (p.rank, p.scale) for n, p in foreign_pairs(tree, pairing).items()}
-    cfg = _peft_config(info, base_model_name_or_path, task_type)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _save_safetensors(tensors, out / PEFT_WEIGHTS_NAME, {"format": "pt"})
-    (out / PEFT_CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    return out
