@@ -14,8 +14,10 @@ import np_reference as R
 import numpy as np
 import pytest
 from flax import nnx
-from gguf_tiny import write_gguf
-from hf_tiny import llama_state_dict, tiny_llama_config, write_checkpoint
+
+pytest.importorskip("gguf")
+from gguf_tiny import write_gguf  # noqa: E402
+from hf_tiny import llama_state_dict, tiny_llama_config, write_checkpoint  # noqa: E402
 
 from lorapro_jax.errors import CorruptFileError
 from lorapro_jax.models import (
