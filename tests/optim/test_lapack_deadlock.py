@@ -69,7 +69,7 @@ def test_sequence_is_bit_exact():
 
 # -- every LoRA-Pro form orders all its LAPACK calls ------------------------------------------------------------
 def _tree(seed: int):
-    """Three groups: square pairs (one QR of both factors), non-square pairs (two QRs) and a stacked pair."""
+    """Three groups: square pairs, non-square pairs and a stacked pair."""
     rng = np.random.default_rng(seed)
     arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     tree = {f"sq{i}": lp.LoraPair(arr(48, 4), arr(4, 48), 2.0) for i in range(3)}
@@ -97,8 +97,8 @@ def test_every_form_runs_its_lapack_calls_one_after_another(form):
     groups = 3
     # One eigh per group of pairs (the damped inverses and the Sylvester solve share it).
     assert sum(t == "lapack_ssyevd_ffi" for t in calls.values()) == groups, calls
-    if form == "lean":  # QR (geqrf + orgqr): one for the square groups, two for the non-square one; one SVD each
-        assert sum(t == "lapack_sgeqrf_ffi" for t in calls.values()) == 4, calls
+    if form == "lean":  # per group two QRs (geqrf + orgqr) and one SVD
+        assert sum(t == "lapack_sgeqrf_ffi" for t in calls.values()) == 2 * groups, calls
         assert sum(t == "lapack_sgesdd_ffi" for t in calls.values()) == groups, calls
 
 
@@ -133,6 +133,7 @@ def test_every_form_trains_minilm_20_steps():
     runs = {r["method"]: r for r in map(json.loads, out.stdout.splitlines())}
     assert sorted(runs) == sorted(methods)
     for name, r in runs.items():
+        print(f"{name}: median step {np.median(r['step_s']):.3f} s (20 steps, batch 8 x 64)")  # shown with -s
         losses = np.asarray(r["losses"])
         assert len(losses) == 20 and np.isfinite(losses).all(), (name, losses)
         assert losses[-1] < losses[0], (name, losses)
