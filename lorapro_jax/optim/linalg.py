@@ -19,13 +19,22 @@ read and write only. See ``docs/reliability.md``.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-__all__ = ["LinalgSequence", "after", "damped_pinv", "pinv_from_eigh", "solve_sylvester_psd", "sylvester_from_eigh"]
+__all__ = [
+    "LinalgSequence",
+    "after",
+    "damped_pinv",
+    "pinv_from_eigh",
+    "solve_sylvester_psd",
+    "sylvester_from_eigh",
+    "unsplit_chunk",
+]
 
 
 def _t(x):
@@ -151,11 +160,15 @@ class LinalgSequence:
     def __init__(self) -> None:
         self._last: Any = None
 
-    def run(self, fn: Callable[..., Any], x: Array, *args: Any, **kwargs: Any) -> Any:
-        """``fn(x, *args, **kwargs)``, started after the previous call of this sequence."""
+    def run(self, fn: Callable[[Array], Any], x: Array) -> Any:
+        """``fn(x)`` for a decomposition ``fn`` of the matrices ``x (*batch, n, m)``, after the previous call.
+
+        The batch runs in chunks small enough that jaxlib never splits them over the thread pool
+        (:func:`unsplit_chunk`), one chunk after another (``lax.map``) when there is more than one.
+        """
         if self._last is not None:
             x = after(x, self._last)
-        out = fn(x, *args, **kwargs)
+        out = _chunked(fn, x)
         self._last = out
         return out
 
@@ -170,3 +183,26 @@ class LinalgSequence:
     def svd(self, x: Float[Array, "*batch n m"]) -> tuple[Array, Array, Array]:
         """Thin ``jnp.linalg.svd(x)``: ``u``, descending ``s``, ``vt``."""
         return self.run(functools.partial(jnp.linalg.svd, full_matrices=False), x)
+
+
+# jaxlib 0.10 (jaxlib/cpu/lapack_kernels.cc) splits a batched call over the pool once
+# batch * cost >= 2e5 FLOP, cost being at most 10 n m min(n, m) for the kernels used here.
+_SPLIT_FLOPS = 200_000
+
+
+def unsplit_chunk(n: int, m: int) -> int:
+    """Largest batch of ``n x m`` matrices that jaxlib 0.10 decomposes in the calling thread (at least 1)."""
+    return max(1, (_SPLIT_FLOPS - 1) // (10 * n * m * min(n, m)))
+
+
+def _chunked(fn: Callable[[Array], Any], x: Array) -> Any:
+    """``fn(x)`` with the batch cut into unsplit chunks run one after another; same results slice by slice."""
+    *batch, n, m = x.shape
+    total, chunk = math.prod(batch), unsplit_chunk(n, m)
+    if total <= chunk:
+        return fn(x)
+    count = -(-total // chunk)
+    flat = x.reshape(total, n, m)
+    flat = jnp.concatenate([flat, jnp.zeros((count * chunk - total, n, m), x.dtype)]) if count * chunk > total else flat
+    out = jax.lax.map(fn, flat.reshape(count, chunk, n, m))
+    return jax.tree.map(lambda y: y.reshape(count * chunk, *y.shape[2:])[:total].reshape(*batch, *y.shape[2:]), out)

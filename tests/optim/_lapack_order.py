@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import re
 import sys
 
@@ -27,37 +28,71 @@ def _operands(line: str, start: int) -> list[str]:
     return re.findall(r"%([\w.\-]+)", line[start : i - 1])
 
 
-def parse_entry(hlo: str) -> dict[str, tuple[str, list[str], str]]:
-    """``{name: (opcode, operands, line)}`` of the ENTRY computation; raises if LAPACK runs elsewhere."""
+_SHAPE = re.compile(r"operand_layout_constraints=\{\w+\[([\d,]*)\]")
+
+
+def parse(hlo: str) -> dict[str, dict[str, tuple[str, list[str], str]]]:
+    """``{computation: {name: (opcode, operands, line)}}``; the entry computation is ``"ENTRY"``."""
     comps, current = {}, None
     for line in hlo.splitlines():
         if not line.startswith(" ") and "{" in line and ("%" in line or line.startswith("ENTRY")):
-            current = "ENTRY" if line.startswith("ENTRY") else line.split()[0]
+            current = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
             comps[current] = {}
             continue
         m = _INSTR.match(line)
         if m and current is not None:
             comps[current][m.group(1)] = (m.group(2), _operands(line, m.end()), line)
-    for comp, instrs in comps.items():
-        if comp != "ENTRY" and any(_TARGET.search(v[2]) for v in instrs.values()):
-            raise AssertionError(f"a LAPACK custom call sits in computation {comp}, not in ENTRY: not analysed")
-    return comps["ENTRY"]
+    return comps
 
 
-def lapack_calls(hlo: str) -> dict[str, str]:
-    """``{instruction name: custom_call_target}`` of the ENTRY computation's LAPACK calls."""
+def lapack_calls(hlo: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{instruction name: (custom_call_target, operand shape)}`` of every LAPACK call, in any computation."""
     out = {}
-    for name, (op, _, line) in parse_entry(hlo).items():
-        m = _TARGET.search(line)
-        if op == "custom-call" and m:
-            out[name] = m.group(1)
+    for instrs in parse(hlo).values():
+        for name, (op, _, line) in instrs.items():
+            m = _TARGET.search(line)
+            if op == "custom-call" and m:
+                dims = _SHAPE.search(line).group(1)
+                out[name] = (m.group(1), tuple(int(d) for d in dims.split(",") if d))
     return out
 
 
+def splittable_lapack_calls(hlo: str, flops: int = 200_000) -> list[str]:
+    """LAPACK calls that jaxlib 0.10 may split over the pool: batch >= 2 and batch * 10 n m min(n, m) >= flops."""
+    bad = []
+    for name, (target, shape) in lapack_calls(hlo).items():
+        *batch, n, m = shape
+        b = math.prod(batch)
+        if b >= 2 and b * 10 * n * m * min(n, m) >= flops:
+            bad.append(f"{name} {target} {shape}")
+    return bad
+
+
+def _called(comps, line: str) -> list[str]:
+    """Computations an instruction calls (loop bodies, fusions, branches): ``%names`` after its operands."""
+    return [c for c in re.findall(r"%([\w.\-]+)", line[line.index(")") :]) if c in comps]
+
+
+def _runs_lapack(comps, comp: str, seen: set) -> bool:
+    if comp in seen:
+        return False
+    seen.add(comp)
+    return any(
+        (op == "custom-call" and _TARGET.search(line)) or any(_runs_lapack(comps, c, seen) for c in _called(comps, line))
+        for op, _, line in comps[comp].values()
+    )
+
+
 def concurrent_lapack_pairs(hlo: str) -> list[tuple[str, str]]:
-    """Pairs of LAPACK calls of the ENTRY computation that no dataflow path orders."""
-    instrs = parse_entry(hlo)
-    calls = lapack_calls(hlo)
+    """Pairs of ENTRY instructions that run LAPACK (a call, or a loop whose body has one) that no dataflow path
+    orders."""
+    comps = parse(hlo)
+    instrs = comps["ENTRY"]
+    calls = {
+        name
+        for name, (op, _, line) in instrs.items()
+        if (op == "custom-call" and _TARGET.search(line)) or any(_runs_lapack(comps, c, set()) for c in _called(comps, line))
+    }
 
     def element(name: str, index: int) -> str | None:
         op, ops, line = instrs[name]
@@ -82,3 +117,4 @@ def concurrent_lapack_pairs(hlo: str) -> list[tuple[str, str]]:
 
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
     return [(a, b) for a, b in itertools.combinations(calls, 2) if a not in reach(b) and b not in reach(a)]
+
