@@ -4,16 +4,18 @@ The solvers take any number of leading batch axes (``(*batch, r, r)``): a batch 
 in one batched ``eigh`` call. Everything here works on TPU, GPU and CPU: it uses ``jnp.linalg.eigh`` of
 symmetric matrices only (``jax.scipy.linalg.solve_sylvester`` relies on a Schur decomposition that TPUs lack).
 
-:class:`LinalgSequence` runs the decompositions (``eigh``, ``qr``, ``svd``) of one traced step one after
-another; every LoRA-Pro transform routes its decompositions through one. Why: on XLA:CPU, jaxlib 0.10's
-LAPACK kernels split a large enough *batched* call into pieces, schedule them on XLA's intra-op thread pool
-and block the calling pool thread until they are done (``ParallelBatchMap`` with an
-``absl::BlockingCounter``). XLA's thunk executor runs independent thunks concurrently on that same pool, so
-as many independent batched calls as the pool has threads (two on a 2-core machine) can all block at once,
-and nothing is left to run their pieces: the step never returns (0 % CPU, every thread asleep). Ordering the
-calls by a true data dependency leaves at most one of them blocked at a time. ``jax.lax.optimization_barrier``
-does not order them: XLA:CPU emits no thunk for it, and its thunk executor orders thunks by the buffers they
-read and write only. See ``docs/reliability.md``.
+:class:`LinalgSequence` runs the decompositions (``eigh``, ``qr``, ``svd``) of one traced step so that none
+of them can deadlock XLA:CPU; every LoRA-Pro transform routes its decompositions through one. Why: jaxlib
+0.10's LAPACK kernels split a large enough *batched* call (``batch · FLOPs ≥ 2·10⁵``) into pieces, schedule them
+on XLA's intra-op thread pool and block the calling pool thread until they are done (``ParallelBatchMap`` with
+an ``absl::BlockingCounter``, in ``jaxlib/cpu/lapack_kernels.cc``). XLA's thunk executor runs independent
+thunks concurrently on that same pool, so when every pool thread (two on a 2-core machine) is blocked in such
+a call, nothing is left to run the pieces and the step never returns (0 % CPU, every thread asleep). So each
+call runs its batch in chunks below that threshold, one chunk after another (``lax.map``): a chunk is
+decomposed in the calling thread and nothing ever waits. The calls are also ordered by a true data
+dependency (cheap, and it keeps at most one decomposition running). Ordering alone was not enough: a real
+MiniLM lean step still hung with its two QRs ordered in the HLO (``jax.lax.optimization_barrier`` orders
+nothing at all: XLA:CPU emits no thunk for it). See ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -137,14 +139,15 @@ def after(x: Array, *deps: Any) -> Array:
 
 
 class LinalgSequence:
-    """Runs the LAPACK-backed decompositions of one traced computation one after another.
+    """Runs the LAPACK-backed decompositions of one traced computation one after another, none of them split.
 
-    Each call's first operand is made to depend on the previous call's outputs (:func:`after`), so that on
-    XLA:CPU no two batched LAPACK calls of the computation can run at the same time: with jaxlib 0.10,
-    as many concurrent batched calls as XLA's intra-op pool has threads deadlock (see the module
-    docstring). Results are bit for bit those of the plain calls; the cost is a few scalar operations per
-    call and the lost overlap between independent decompositions. On GPU/TPU it changes nothing but the
-    order.
+    Each call's batch runs in chunks that jaxlib 0.10 decomposes in the calling thread (:func:`unsplit_chunk`;
+    several chunks go through ``lax.map``), so no call ever blocks a thread of XLA:CPU's pool waiting for
+    pieces of itself, the cause of the deadlock described in the module docstring; and each call's first
+    operand depends on the previous call's outputs (:func:`after`). Results are bit for bit those of the
+    plain batched calls (each matrix is decomposed alone either way); the cost is the loop over chunks for
+    large batches of large matrices and the lost overlap between independent decompositions. On GPU/TPU the
+    same chunks run (harmless, slower for huge batches of big matrices).
 
     Use one instance per traced function (e.g. one optimizer update, shared by all its groups of pairs);
     it holds the last call's outputs, which are tracers of that trace only.
