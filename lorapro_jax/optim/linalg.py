@@ -12,10 +12,10 @@ an ``absl::BlockingCounter``, in ``jaxlib/cpu/lapack_kernels.cc``). XLA's thunk 
 thunks concurrently on that same pool, so when every pool thread (two on a 2-core machine) is blocked in such
 a call, nothing is left to run the pieces and the step never returns (0 % CPU, every thread asleep). So each
 call runs its batch in chunks below that threshold, one chunk after another (``lax.map``): a chunk is
-decomposed in the calling thread and nothing ever waits. The calls are also ordered by a true data
-dependency (cheap, and it keeps at most one decomposition running). Ordering alone was not enough: a real
-MiniLM lean step still hung with its two QRs ordered in the HLO (``jax.lax.optimization_barrier`` orders
-nothing at all: XLA:CPU emits no thunk for it). See ``docs/reliability.md``.
+decomposed in the calling thread and nothing ever waits, whatever else runs concurrently. The calls are
+also ordered by a true data dependency (cheap; it keeps at most one decomposition running, which alone
+already avoids the deadlock between them). ``jax.lax.optimization_barrier`` orders nothing here: XLA:CPU
+emits no thunk for it. See ``docs/reliability.md``.
 """
 
 from __future__ import annotations
