@@ -30,6 +30,7 @@ from .lora import (
 )
 from .optim import (
     LeanMoments,
+    LinalgSequence,
     LoraProDecayState,
     ScaleByLoraProAdamState,
     ScaleByLoraProLeanState,

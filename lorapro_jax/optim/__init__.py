@@ -1,6 +1,6 @@
 """LoRA-aware optax transformations."""
 
-from .linalg import damped_pinv, solve_sylvester_psd
+from .linalg import LinalgSequence, damped_pinv, solve_sylvester_psd
 from .lora_pro import (
     LoraProDecayState,
     ScaleByLoraProAdamState,

@@ -12,8 +12,10 @@ Notation (paper layout): ``A`` is ``r x n``, ``B`` is ``m x r``, ``W = W0 + s B 
 
 Every function here takes any number of leading *batch* axes (``(*batch, r, n)`` etc.): the slices of a
 stacked :class:`~lorapro_jax.lora.pair.LoraPair` and the groups of equal-shaped pairs that the
-transforms batch together are both solved in one call (batched matmuls and one batched ``eigh``), slice
-by slice exactly as if each were alone. :mod:`lorapro_jax.optim.lora_pro` (SGD, full and efficient
+transforms batch together are both solved in one call (batched matmuls and ONE batched ``eigh`` of the
+``2 x batch`` matrices ``BᵀB + δI`` and ``AAᵀ + δI``, reused by the damped inverses and by the Sylvester
+solve), slice by slice exactly as if each were alone. The ``eigh`` goes through the caller's
+:class:`~lorapro_jax.optim.linalg.LinalgSequence` so that no two batched LAPACK calls of a step run at once. :mod:`lorapro_jax.optim.lora_pro` (SGD, full and efficient
 Adam forms) and :mod:`lorapro_jax.optim.lean` import it; it imports neither.
 """
 
@@ -26,7 +28,7 @@ from jax.numpy import matrix_transpose as _t  # (..., m, n) -> (..., n, m)
 from jaxtyping import Array, Float
 
 from ..lora.pair import LoraPair, pair_matrices
-from .linalg import damped_pinv, solve_sylvester_psd
+from .linalg import LinalgSequence, damped, pinv_from_eigh, sylvester_from_eigh
 
 __all__ = [
     "XMode",
@@ -74,21 +76,40 @@ def bias_correction(decay, count, dtype=jnp.float32):
 
 
 class Grams(NamedTuple):
-    """The ``r x r`` matrices of one pair (or a batch of pairs) that the closed form needs (paper layout)."""
+    """The ``r x r`` matrices of one pair (or a batch of pairs) that the closed form needs (paper layout).
+
+    ``lam_b, u_b`` / ``lam_a, u_a`` are eigenvalues and eigenvectors of ``BᵀB`` / ``AAᵀ`` for the
+    Sylvester solve, taken from the same ``eigh`` of the damped matrices as ``q`` / ``p``
+    (``lam = w − δ``).
+    """
 
     btb: Float[Array, "*batch r r"]  # BᵀB
     aat: Float[Array, "*batch r r"]  # AAᵀ
     q: Float[Array, "*batch r r"]  # (BᵀB + δI)⁻¹
     p: Float[Array, "*batch r r"]  # (AAᵀ + δI)⁻¹
+    lam_b: Float[Array, "*batch r"]
+    u_b: Float[Array, "*batch r r"]
+    lam_a: Float[Array, "*batch r"]
+    u_a: Float[Array, "*batch r r"]
 
 
 def grams(
-    a_mat: Float[Array, "*batch r n"], b_mat: Float[Array, "*batch m r"], delta: float
+    a_mat: Float[Array, "*batch r n"],
+    b_mat: Float[Array, "*batch m r"],
+    delta: float,
+    seq: LinalgSequence | None = None,
 ) -> Grams:
-    """``BᵀB``, ``AAᵀ`` and their damped pseudo-inverses (one batched ``eigh`` each)."""
+    """``BᵀB``, ``AAᵀ``, their damped pseudo-inverses and eigendecompositions: one batched ``eigh`` in all.
+
+    ``seq`` orders that ``eigh`` after the enclosing step's other decompositions (default: a new sequence).
+    """
     btb = _t(b_mat) @ b_mat
     aat = a_mat @ _t(a_mat)
-    return Grams(btb, aat, damped_pinv(btb, delta), damped_pinv(aat, delta))
+    seq = LinalgSequence() if seq is None else seq
+    w, v = seq.eigh(jnp.stack([damped(btb, delta), damped(aat, delta)]))  # (2, *batch, r), (2, *batch, r, r)
+    q, p = pinv_from_eigh(w, v)
+    lam = w - jnp.asarray(delta, w.dtype)
+    return Grams(btb, aat, q, p, lam[0], v[0], lam[1], v[1])
 
 
 def closed_form(
@@ -109,7 +130,7 @@ def closed_form(
         q @ (_t(b_mat) @ mat)
     )  # (I - B Q Bᵀ) g_B P / s², never forming m x m
     if x_mode == "sylvester":
-        x = solve_sylvester_psd(gr.btb, gr.aat, -(q @ (g_a @ _t(a_mat))) / s2)
+        x = sylvester_from_eigh(gr.lam_b, gr.u_b, gr.lam_a, gr.u_a, -(q @ (g_a @ _t(a_mat))) / s2)
     elif x_mode == "symmetry":
         x = -0.5 * (q @ (_t(b_mat) @ g_b) @ gr.aat) / s2
     else:

@@ -42,6 +42,7 @@ from jaxtyping import Array, Float, Int
 from ._grouping import PairRecord, map_groups, pair_mats, pair_update, stack
 from ._tree import Packed, map_pairs, require_params, unzip_packed
 from .closed_form import XMode, bias_correction, check_x_mode, closed_form, grams
+from .linalg import LinalgSequence
 
 __all__ = ["LeanMoments", "ScaleByLoraProLeanState", "scale_by_lora_pro_lean", "truncated_sum"]
 
@@ -82,19 +83,23 @@ def truncated_sum(
     l2: Float[Array, "*batch n k2"],
     r2: Float[Array, "*batch k2 m"],
     k: int,
+    *,
+    seq: LinalgSequence | None = None,
 ) -> tuple[Float[Array, "*batch n k"], Float[Array, "*batch k m"]]:
     """Best rank-``k`` approximation of ``l1 @ r1 + l2 @ r2`` as factors, without forming ``n x m``.
 
-    Leading batch axes are independent problems (one batched QR / SVD).
+    Leading batch axes are independent problems (batched QR / SVD).
 
     QR of ``[l1, l2]`` and of ``[r1; r2]ᵀ``, SVD of the small core; singular values go to the left
-    factor. Cost ``O((n + m) (k1 + k2)²)``.
+    factor. Cost ``O((n + m) (k1 + k2)²)``. The decompositions run one after another through ``seq``
+    (default: a new :class:`~lorapro_jax.optim.linalg.LinalgSequence`).
     """
+    seq = LinalgSequence() if seq is None else seq
     lc = jnp.concatenate([l1, l2], axis=-1)  # (*batch, n, K)
     rc = jnp.concatenate([r1, r2], axis=-2)  # (*batch, K, m)
-    q1, t1 = jnp.linalg.qr(lc)  # (n, K'), (K', K)
-    q2, t2 = jnp.linalg.qr(_t(rc))  # (m, K''), (K'', K)
-    u, sv, vt = jnp.linalg.svd(t1 @ _t(t2), full_matrices=False)
+    q1, t1 = seq.qr(lc)  # (n, K'), (K', K)
+    q2, t2 = seq.qr(_t(rc))  # (m, K''), (K'', K): after the first QR (one stacked QR measured slower)
+    u, sv, vt = seq.svd(t1 @ _t(t2))
     kk = min(k, sv.shape[-1])
     left = q1 @ (u[..., :, :kk] * sv[..., None, :kk])
     right = _t(q2 @ _t(vt[..., :kk, :]))
@@ -106,7 +111,7 @@ def truncated_sum(
 
 
 
-def _lean_group(group: list[PairRecord], count, b1, b2, eps, eps_row, delta, x_mode) -> list[Packed]:
+def _lean_group(group: list[PairRecord], count, b1, b2, eps, eps_row, delta, x_mode, seq) -> list[Packed]:
     """Lean form for one group of equal pairs, batched over ``(G, *stack)`` (all of it factor-sized)."""
     p0, mom0 = group[0].p, group[0].states[0]
     sdt = mom0.left.dtype  # storage dtype (mu_dtype); computed in at least float32
@@ -114,12 +119,12 @@ def _lean_group(group: list[PairRecord], count, b1, b2, eps, eps_row, delta, x_m
     a2, bm, ga2, gb2 = pair_mats(group, dt)  # (G, *stack, n, r), (G, *stack, r, m)
     mom = LeanMoments(*(stack([rec.states[0][i] for rec in group]).astype(dt) for i in range(4)))
     am, bp = _t(a2), _t(bm)  # paper layout
-    gr = grams(am, bp, delta)  # shared by both applications of the closed form
+    gr = grams(am, bp, delta, seq)  # shared by both applications of the closed form
     ga_hat, gb_hat = closed_form(am, bp, _t(ga2), _t(gb2), s, gr, "zero")
     # ẽ (Flax, n x m) = s (ĝ_a b + a ĝ_b) = le @ re with le (n, 2r), re (2r, m).
     le = s * jnp.concatenate([_t(ga_hat), a2], axis=-1)
     re = jnp.concatenate([bm, _t(gb_hat)], axis=-2)
-    left, right = truncated_sum(b1 * mom.left, mom.right, (1.0 - b1) * le, re, mom.left.shape[-1])
+    left, right = truncated_sum(b1 * mom.left, mom.right, (1.0 - b1) * le, re, mom.left.shape[-1], seq=seq)
     # Row / column sums of ẽ² from the factors: diag(le (re reᵀ) leᵀ), diag(reᵀ (leᵀ le) re).
     rows = jnp.sum((le @ (re @ _t(re))) * le, axis=-1)
     cols = jnp.sum((_t(re) @ (_t(le) @ le)) * _t(re), axis=-1)
@@ -200,7 +205,8 @@ def scale_by_lora_pro_lean(
             d = (mu2 / bc1) / (jnp.sqrt(nu2 / bc2) + eps)
             return Packed(d.astype(g.dtype), (mu2.astype(mu.dtype), nu2.astype(nu.dtype)))
 
-        group_fn = lambda group: _lean_group(group, count, b1, b2, eps, eps_row, delta, x_mode)
+        seq = LinalgSequence()  # every decomposition of this update, all groups, one after another
+        group_fn = lambda group: _lean_group(group, count, b1, b2, eps, eps_row, delta, x_mode, seq)
         packed = map_groups(group_fn, on_leaf, updates, params, state.moments)
         new_updates, new_moments = unzip_packed(packed, 2)
         return new_updates, ScaleByLoraProLeanState(count, new_moments)

@@ -46,6 +46,7 @@ from .closed_form import (
     lora_pro_pair_update,
 )
 from .lean import scale_by_lora_pro_lean
+from .linalg import LinalgSequence
 
 __all__ = [
     "XMode",
@@ -67,23 +68,24 @@ _FORMS = ("full", "efficient", "lean")
 
 
 
-def _sgd_group(group: list[PairRecord], delta: float, x_mode: str) -> list[LoraPair]:
+def _sgd_group(group: list[PairRecord], delta: float, x_mode: str, seq: LinalgSequence) -> list[LoraPair]:
     """SGD form for one group of equal pairs: the closed form, batched over ``(G, *stack)``."""
     u0, p0 = group[0].u, group[0].p
     dt = jnp.promote_types(jnp.result_type(p0.a, p0.b, u0.a, u0.b), jnp.float32)
     a2, bm, ga2, gb2 = pair_mats(group, dt)  # (G, *stack, n, r), (G, *stack, r, m)
-    ga_hat, gb_hat = lora_pro_gradients(_t(a2), _t(bm), _t(ga2), _t(gb2), p0.scale, delta=delta, x_mode=x_mode)
+    am, bp = _t(a2), _t(bm)  # paper layout
+    ga_hat, gb_hat = closed_form(am, bp, _t(ga2), _t(gb2), p0.scale, grams(am, bp, delta, seq), x_mode)
     return [pair_update(rec.u, _t(ga_hat[j]), _t(gb_hat[j])) for j, rec in enumerate(group)]
 
 
-def _full_group(group: list[PairRecord], count, b1, b2, eps, eps_root, delta, x_mode) -> list[Packed]:
+def _full_group(group: list[PairRecord], count, b1, b2, eps, eps_root, delta, x_mode, seq) -> list[Packed]:
     """Full form for one group: r x r algebra and closed forms batched, full-size moments per pair."""
     u0, p0 = group[0].u, group[0].p
     s = p0.scale
     dt = jnp.promote_types(jnp.result_type(p0.a, u0.a), jnp.float32)
     a2, bm, ga2, gb2 = pair_mats(group, dt)  # (G, *stack, n, r), (G, *stack, r, m)
     am, bp = _t(a2), _t(bm)  # paper layout A (.., r, n), B (.., m, r)
-    gr = grams(am, bp, delta)  # shared by both applications of the closed form
+    gr = grams(am, bp, delta, seq)  # shared by both applications of the closed form
     ga_hat, gb_hat = closed_form(am, bp, _t(ga2), _t(gb2), s, gr, "zero")
     ga_f, gb_f = _t(ga_hat), _t(gb_hat)  # Flax layout (.., n, r), (.., r, m)
     bc1, bc2 = bias_correction(b1, count, dt), bias_correction(b2, count, dt)
@@ -151,7 +153,8 @@ def scale_by_lora_pro(
     def update_fn(updates, state, params=None):
         require_params(params, "scale_by_lora_pro")
 
-        group_fn = lambda group: _sgd_group(group, delta, x_mode)
+        seq = LinalgSequence()  # every eigh of this update, all groups, one after another
+        group_fn = lambda group: _sgd_group(group, delta, x_mode, seq)
         return map_groups(group_fn, lambda path, u, p: u, updates, params), state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -274,7 +277,8 @@ def scale_by_lora_pro_adam(
             d = (mu2 / bc1) / (jnp.sqrt(nu2 / bc2 + eps_root) + eps)
             return Packed(d.astype(g.dtype), mu2.astype(mu.dtype), nu2.astype(nu.dtype))
 
-        group_fn = lambda group: _full_group(group, count, b1, b2, eps, eps_root, delta, x_mode)
+        seq = LinalgSequence()  # every eigh of this update, all groups, one after another
+        group_fn = lambda group: _full_group(group, count, b1, b2, eps, eps_root, delta, x_mode, seq)
         packed = map_groups(group_fn, on_leaf, updates, params, state.mu, state.nu)
         new_updates, new_mu, new_nu = unzip_packed(packed, 3)
         return new_updates, ScaleByLoraProAdamState(count=count, mu=new_mu, nu=new_nu)
