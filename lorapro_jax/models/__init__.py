@@ -1,4 +1,4 @@
-"""Flax NNX ports of BERT, T5 and Llama that load Hugging Face safetensors checkpoints.
+"""Flax NNX ports of BERT, T5 and Llama that load Hugging Face safetensors (and Llama GGUF) checkpoints.
 
 Every dense projection is a plain ``flax.nnx.Linear`` and the NNX attribute tree mirrors the
 Hugging Face module tree, so ``".".join(map(str, path))`` of a Linear equals the HF module name
@@ -26,7 +26,18 @@ from .bert import (
     minilm_path,
     sentence_embedding,
 )
+from .generation import GenerateOutput, generate, sample_logits
+from .gguf import (
+    SMOLLM2_INSTALL_HINT,
+    find_gguf,
+    gguf_config,
+    gguf_tokenizer,
+    read_gguf_tensors,
+    smollm2_path,
+    unpermute_rotary,
+)
 from .llama import (
+    KVCache,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     LlamaModel,
@@ -70,11 +81,14 @@ __all__ = [
     "DEFAULT_LORA_TARGETS",
     "MINILM_INSTALL_HINT",
     "MODEL_REGISTRY",
+    "SMOLLM2_INSTALL_HINT",
     "BertForSequenceClassification",
     "BertModel",
     "BertModelOutput",
     "CheckpointKeyError",
+    "GenerateOutput",
     "HFModule",
+    "KVCache",
     "LlamaForCausalLM",
     "LlamaForSequenceClassification",
     "LlamaModel",
@@ -87,7 +101,11 @@ __all__ = [
     "T5ModelOutput",
     "apply_rotary",
     "attention",
+    "find_gguf",
     "get_activation",
+    "generate",
+    "gguf_config",
+    "gguf_tokenizer",
     "hf_param_names",
     "hf_stacked_prefixes",
     "last_token_pooling",
@@ -95,12 +113,16 @@ __all__ = [
     "make_dropout",
     "mean_pooling",
     "minilm_path",
+    "read_gguf_tensors",
     "read_safetensors",
     "relative_position_bucket",
     "resolve_model_class",
     "rope_inv_freq",
+    "sample_logits",
     "save_hf_checkpoint",
     "sentence_embedding",
     "shift_right",
+    "smollm2_path",
     "to_hf_state_dict",
+    "unpermute_rotary",
 ]

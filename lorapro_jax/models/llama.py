@@ -23,9 +23,8 @@ Two layouts of the decoder stack, loading and saving the same Hugging Face check
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
-import jax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +46,7 @@ from ._common import (
 from .base import HFModule
 
 __all__ = [
+    "KVCache",
     "LlamaForCausalLM",
     "LlamaForSequenceClassification",
     "LlamaModel",
@@ -131,6 +131,21 @@ def _checkpoint_policy(name: str | None) -> Any:
     return policy
 
 
+class KVCache(NamedTuple):
+    """Keys and values of every layer for incremental decoding, one slot per token position.
+
+    Slot ``t`` of a row holds the key/value of the ``t``-th token fed for that row (prompt padding
+    included; the key mask given to :meth:`LlamaModel.decode` hides padding slots).
+
+    Attributes:
+        k: ``(layers, batch, max_len, kv_heads, head_dim)`` rotated keys.
+        v: ``(layers, batch, max_len, kv_heads, head_dim)`` values.
+    """
+
+    k: Float[Array, "layers batch max_len kv_heads head_dim"]
+    v: Float[Array, "layers batch max_len kv_heads head_dim"]
+
+
 class LlamaAttention(nnx.Module):
     """GQA self-attention with ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``."""
 
@@ -156,6 +171,26 @@ class LlamaAttention(nnx.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attention(q, k, v, mask=mask, dropout=self.dropout, deterministic=deterministic)
         return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim))
+
+    def decode(self, hidden, cos, sin, mask, cache: KVCache, layer, index):
+        """Attention of the new tokens ``hidden`` over the cache of layer ``layer`` (no dropout).
+
+        Writes this call's keys / values into slots ``index .. index + seq - 1`` of layer ``layer``
+        of ``cache`` first; ``mask`` ``(batch, 1, seq, max_len)`` says which slots each new token sees.
+        Returns ``(output, cache)``.
+        """
+        b, s, _ = hidden.shape
+        q = self.q_proj(hidden).reshape(b, s, self.n_heads, self.head_dim)
+        k = self.k_proj(hidden).reshape(b, s, self.n_kv, self.head_dim)
+        v = self.v_proj(hidden).reshape(b, s, self.n_kv, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        at = (layer, 0, index, 0, 0)
+        ck = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at)
+        cv = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at)
+        keys = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False).astype(q.dtype)
+        values = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False).astype(q.dtype)
+        out = attention(q, keys, values, mask=mask)
+        return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim)), KVCache(ck, cv)
 
 
 class LlamaMLP(nnx.Module):
@@ -193,6 +228,12 @@ class LlamaDecoderLayer(nnx.Module):
     def __call__(self, hidden, cos, sin, mask, *, deterministic=None):
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, mask, deterministic=deterministic)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    def decode(self, hidden, cos, sin, mask, cache: KVCache, layer, index):
+        """:meth:`__call__` with cached attention (:meth:`LlamaAttention.decode`); returns ``(hidden, cache)``."""
+        att, cache = self.self_attn.decode(self.input_layernorm(hidden), cos, sin, mask, cache, layer, index)
+        hidden = hidden + att
+        return hidden + self.mlp(self.post_attention_layernorm(hidden)), cache
 
 
 class LlamaModel(HFModule):
@@ -291,6 +332,62 @@ class LlamaModel(HFModule):
         h = self._run_layers(h, cos, sin, mask, deterministic)
         return self.norm(h)
 
+    def init_cache(self, batch: int, max_len: int, dtype: Dtype | None = None) -> KVCache:
+        """An all-zero :class:`KVCache` for ``batch`` rows of up to ``max_len`` tokens (prompt +
+        generated), in ``dtype`` (default: the embedding's computation dtype)."""
+        cfg = self.config
+        n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        if dtype is None:
+            dtype = self.embed_tokens.dtype or self.embed_tokens.param_dtype
+        shape = (self.num_layers, batch, max_len, n_kv, _head_dim(cfg))
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def decode(
+        self,
+        input_ids: Int[Array, "batch seq"],
+        position_ids: Int[Array, "batch seq"],
+        kv_mask: Int[Array, "batch max_len"],
+        cache: KVCache,
+        index: Int[Array, ""] | int,
+    ) -> tuple[Float[Array, "batch seq hidden"], KVCache]:
+        """Incremental forward: the tokens ``input_ids`` fill cache slots ``index .. index + seq - 1``.
+
+        The same computation as :meth:`__call__` on the whole sequence so far (no dropout, no remat),
+        reading earlier keys / values from ``cache``. A new token in slot ``q`` attends slot ``t`` iff
+        ``t <= q`` and ``kv_mask[b, t]`` (0 for padding), so left-padded prompts work with
+        ``position_ids = cumsum(mask) - 1``.
+
+        Args:
+            input_ids: ``(batch, seq)`` the new tokens (the prompt at prefill, one token per step after).
+            position_ids: ``(batch, seq)`` their rotary positions.
+            kv_mask: ``(batch, max_len)`` 1 for slots holding real tokens (or to be filled by them).
+            cache: from :meth:`init_cache` or the previous call.
+            index: the first slot written (a traced scalar is fine: one compile for every step).
+
+        Returns:
+            ``(hidden, cache)``: final-norm hidden states ``(batch, seq, hidden)`` and the updated cache.
+        """
+        seq, max_len = input_ids.shape[1], cache.k.shape[2]
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids, h.dtype)
+        q_slot = index + jnp.arange(seq)[:, None]
+        causal = (jnp.arange(max_len)[None, :] <= q_slot)[None, None]
+        mask = jnp.logical_and(causal, padding_mask(kv_mask))
+
+        def call(layer: LlamaDecoderLayer, carry: tuple) -> tuple:
+            x, c, i = carry
+            x, c = layer.decode(x, cos, sin, mask, c, i, index)
+            return x, c, i + 1
+
+        carry = (h, cache, jnp.int32(0))
+        if self.scan_layers:
+            carry = nnx.scan(call, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.layers, carry)
+        else:
+            for layer in self.layers:
+                carry = call(layer, carry)
+        h, cache, _ = carry
+        return self.norm(h), cache
+
 
 def _tie(config: Any) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False))
@@ -354,9 +451,29 @@ class LlamaForCausalLM(HFModule):
     ) -> Float[Array, "batch seq vocab"]:
         """Return next-token logits ``(batch, seq, vocab)``."""
         h = self.model(input_ids, attention_mask, position_ids, deterministic=deterministic)
+        return self._head(h)
+
+    def _head(self, h: Array) -> Array:
         if self.lm_head is None:
             return self.model.embed_tokens.attend(h)
         return self.lm_head(h)
+
+    def init_cache(self, batch: int, max_len: int, dtype: Dtype | None = None) -> KVCache:
+        """See :meth:`LlamaModel.init_cache`."""
+        return self.model.init_cache(batch, max_len, dtype)
+
+    def decode(
+        self,
+        input_ids: Int[Array, "batch seq"],
+        position_ids: Int[Array, "batch seq"],
+        kv_mask: Int[Array, "batch max_len"],
+        cache: KVCache,
+        index: Int[Array, ""] | int,
+    ) -> tuple[Float[Array, "batch vocab"], KVCache]:
+        """Next-token logits at the last new position, ``(batch, vocab)``, and the updated cache
+        (:meth:`LlamaModel.decode`; the head runs on the last position only)."""
+        h, cache = self.model.decode(input_ids, position_ids, kv_mask, cache, index)
+        return self._head(h[:, -1]), cache
 
 
 class LlamaForSequenceClassification(HFModule):

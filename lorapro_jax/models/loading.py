@@ -565,7 +565,9 @@ def load_pretrained(
             ``"bert"``/``"t5"``/``"llama"``), or ``None``/``"auto"`` to use
             ``config.architectures``.
         path: checkpoint directory (``config.json`` + ``model.safetensors`` or
-            ``model.safetensors.index.json``).
+            ``model.safetensors.index.json``), or a GGUF checkpoint: a ``.gguf`` file or a folder
+            holding one (config from its metadata, weights dequantized to float32, see
+            :mod:`lorapro_jax.models.gguf`).
         dtype: computation dtype.
         param_dtype: parameter dtype; defaults to ``dtype``.
         rngs: RNGs used for newly initialised parameters and dropout (default ``nnx.Rngs(0)``,
@@ -590,8 +592,13 @@ def load_pretrained(
         CheckpointKeyError: missing keys not covered by ``allow_missing``, unexpected keys not
             covered by ``allow_unexpected``, or shape mismatches; the message lists the keys.
     """
+    from .gguf import find_gguf, gguf_config, read_gguf_tensors
+
     path = Path(path)
-    if config is None:
+    gguf_file = find_gguf(path)  # a .gguf file (or a folder holding one) is read by models.gguf
+    if config is None and gguf_file is not None:
+        config = gguf_config(gguf_file, **dict(config_overrides or {}))
+    elif config is None:
         from transformers import AutoConfig
 
         from ..integrity import read_json, require
@@ -610,7 +617,7 @@ def load_pretrained(
     param_dtype = dtype if param_dtype is None else param_dtype
     rngs = nnx.Rngs(0) if rngs is None else rngs
 
-    tensors = read_safetensors(path)
+    tensors = read_gguf_tensors(gguf_file) if gguf_file is not None else read_safetensors(path)
     prepare = getattr(cls, "hf_prepare_kwargs", None)
     if prepare is not None:
         for k, v in prepare(config, tensors).items():
