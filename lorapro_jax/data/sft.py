@@ -23,7 +23,8 @@ lines of a jsonl file are not records.
 Tokenisation: with a chat template (the default when the tokenizer has one), the prompt is
 ``apply_chat_template(prompt turns, add_generation_prompt=True)`` tokenised without extra special tokens (the
 template writes them); without (``chat_template=False``), the prompt turns' contents are joined by blank
-lines and tokenised with the tokenizer's own special tokens (e.g. BOS). The response is tokenised without
+lines, put into ``prompt_template`` when one is given (its ``{prompt}``), and tokenised with the tokenizer's
+own special tokens (e.g. BOS). The response is tokenised without
 special tokens and the tokenizer's EOS is appended. The loss mask is 1 on the response tokens and the EOS,
 0 on the prompt: position ``t`` of the mask says whether token ``t`` is a target of the next-token loss.
 
@@ -192,32 +193,46 @@ def _messages(path: Path, row: str, rec: dict, name: str) -> InstructionExample:
     return InstructionExample(tuple(clean[:-1]), clean[-1]["content"], row)
 
 
+def _names(columns: str | Sequence[str]) -> tuple[str, ...]:
+    return (columns,) if isinstance(columns, str) else tuple(columns)
+
+
+def _pick(rec: dict, names: tuple[str, ...]) -> str:
+    """The first of ``names`` that ``rec`` has (the first name when it has none: the error names it)."""
+    return next((n for n in names if n in rec), names[0])
+
+
 def examples_from_records(
-    records: Sequence[tuple[str, Any]], path: str | os.PathLike, *, prompt_column: str = "prompt",
-    response_column: str = "response", messages_column: str = "messages",
+    records: Sequence[tuple[str, Any]], path: str | os.PathLike, *, prompt_column: str | Sequence[str] = "prompt",
+    response_column: str | Sequence[str] = "response", messages_column: str = "messages",
 ) -> list[InstructionExample]:
     """Validated examples from ``(row label, record)`` pairs (the records of ``path``).
 
-    A record with ``messages_column`` is read in chat form; otherwise it needs ``prompt_column`` and
-    ``response_column`` (non-empty strings).
+    A record with ``messages_column`` (and no prompt field) is read in chat form; otherwise it needs a prompt
+    and a response field (non-empty strings). A column given as several names takes, per record, the first
+    name the record has, so one setting reads files of different layouts (MetaMathQA ``query`` / ``response``
+    and GSM8K ``question`` / ``answer``: ``prompt_column=("query", "question")``,
+    ``response_column=("response", "answer")``).
 
     Raises:
         InstructionDataError: a record that is not a mapping, lacks a field, holds a non-string or empty value.
     """
     path = Path(path)
+    prompts, responses = _names(prompt_column), _names(response_column)
     out = []
     for row, rec in records:
         if not isinstance(rec, dict):
             raise InstructionDataError(path, row, f"a {type(rec).__name__}, not an object", "a JSON object per line")
-        if messages_column in rec and prompt_column not in rec:
+        p_name, r_name = _pick(rec, prompts), _pick(rec, responses)
+        if messages_column in rec and p_name not in rec:
             out.append(_messages(path, row, rec, messages_column))
             continue
-        if prompt_column not in rec and response_column not in rec:
-            raise InstructionDataError(path, row, f"neither {prompt_column!r}/{response_column!r} nor "
+        if p_name not in rec and r_name not in rec:
+            raise InstructionDataError(path, row, f"neither {'/'.join(prompts)!r} + {'/'.join(responses)!r} nor "
                                        f"{messages_column!r} (the record has {sorted(rec)})",
                                        "prompt/response fields or a messages field (set the column names)")
-        prompt = _string_field(path, row, rec, prompt_column, "prompt")
-        response = _string_field(path, row, rec, response_column, "response")
+        prompt = _string_field(path, row, rec, p_name, "prompt")
+        response = _string_field(path, row, rec, r_name, "response")
         out.append(InstructionExample(({"role": "user", "content": prompt},), response, row))
     if not out:
         raise InstructionDataError(path, None, "no records", "at least one instruction record")
@@ -225,14 +240,15 @@ def examples_from_records(
 
 
 def read_instruction_file(
-    path: str | os.PathLike, *, prompt_column: str = "prompt", response_column: str = "response",
-    messages_column: str = "messages",
+    path: str | os.PathLike, *, prompt_column: str | Sequence[str] = "prompt",
+    response_column: str | Sequence[str] = "response", messages_column: str = "messages",
 ) -> list[InstructionExample]:
     """Read and validate the instruction records of a ``.jsonl`` / ``.csv`` / ``.tsv`` / ``.parquet`` file.
 
     Args:
         path: the file.
-        prompt_column, response_column: the fields of the prompt / response form.
+        prompt_column, response_column: the fields of the prompt / response form (a name, or several: the
+            first one a record has).
         messages_column: the field of the chat form (used when a record has it and no prompt field).
 
     Returns:
@@ -316,10 +332,12 @@ class SftDataset(EncodedDataset):
                 f"{self.max_length} tokens (prompt + response + EOS) and were dropped, not cut: {shown}")
 
 
-def _prompt_text(tokenizer: Any, messages: Sequence[dict[str, str]], chat_template: bool) -> str:
+def _prompt_text(tokenizer: Any, messages: Sequence[dict[str, str]], chat_template: bool,
+                 prompt_template: str | None) -> str:
     if chat_template:
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(m["content"] for m in messages)
+    text = "\n\n".join(m["content"] for m in messages)
+    return prompt_template.replace("{prompt}", text) if prompt_template else text
 
 
 def _token_lists(tokenizer: Any, texts: list[str], add_special_tokens: bool, chunk: int = 1024) -> list[list[int]]:
@@ -341,7 +359,8 @@ def _use_template(tokenizer: Any, chat_template: bool | None) -> bool:
 
 def encode_instructions(
     examples: Sequence[InstructionExample], tokenizer: Any, *, max_length: int, chat_template: bool | None = None,
-    on_overflow: str = "drop", buckets: Sequence[int] | None = None, source: str = "",
+    prompt_template: str | None = None, on_overflow: str = "drop", buckets: Sequence[int] | None = None,
+    source: str = "",
 ) -> SftDataset:
     """Tokenise instruction examples into token ids with a response-only loss mask (EOS appended).
 
@@ -351,6 +370,8 @@ def encode_instructions(
             is ``False``).
         max_length: longest example (prompt + response + EOS), in tokens; see the module's truncation policy.
         chat_template: apply the tokenizer's chat template (``None``: when it has one).
+        prompt_template: without a chat template, a text holding ``{prompt}`` that the raw prompt is put into
+            (e.g. the Alpaca template MetaMathQA models are trained with); ignored with a chat template.
         on_overflow: ``"drop"`` (drop and report in ``dropped``) or ``"error"`` (raise) for too-long examples.
         buckets: batch lengths (default :func:`sft_bucket_lengths` of ``max_length``).
         source: name used in reports (the file).
@@ -367,7 +388,9 @@ def encode_instructions(
     if eos is None:
         raise ValueError("the tokenizer has no EOS token (needed to end every response)")
     use = _use_template(tokenizer, chat_template)
-    prompts = _token_lists(tokenizer, [_prompt_text(tokenizer, e.messages, use) for e in examples],
+    if prompt_template is not None and "{prompt}" not in prompt_template:
+        raise ValueError(f"prompt_template must contain '{{prompt}}', got {prompt_template!r}")
+    prompts = _token_lists(tokenizer, [_prompt_text(tokenizer, e.messages, use, prompt_template) for e in examples],
                            add_special_tokens=not use)
     responses = _token_lists(tokenizer, [e.response for e in examples], add_special_tokens=False)
     ids, masks, plens, refs, rows, dropped = [], [], [], [], [], []
