@@ -359,14 +359,14 @@ def _check_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             parser.error(f"--task: expected 'bbc', 'local', 'glue:<task>', 'sft' or 'arith', got {t!r}")
         if t in ("local", "sft") and not args.data_files:
             parser.error(f"--task {t} needs --data-files train=PATH,validation=PATH[,test=PATH]")
-    llm = [t for t in args.tasks if t in LLM_TASKS]
-    if llm and len(llm) != len(args.tasks):
-        parser.error(f"--task: causal-LM tasks {llm} and classification tasks cannot share one invocation")
         if t.startswith("glue:"):
             try:
                 get_glue_task(t.split(":", 1)[1])
             except ValueError as e:
                 parser.error(f"--task: {e}")
+    llm = [t for t in args.tasks if t in LLM_TASKS]
+    if llm and len(llm) != len(args.tasks):
+        parser.error(f"--task: causal-LM tasks {llm} and classification tasks cannot share one invocation")
 
 
 def _fill_task_defaults(args: argparse.Namespace) -> None:

@@ -143,7 +143,8 @@ def test_grad_accum_is_one_update_on_the_mean_gradient():
     assert methods.optimizer_steps(8, 2) == 4 and methods.optimizer_steps(9, 2) == 5
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.slow  # 35 s measured on the shared 2-core machine (load ~13): over the quick tier's 20 s
+@pytest.mark.timeout(300)
 def test_sft_cli_tiny_llama(tiny, files, tmp_path):
     (summary,) = finetune.main([*_common(tiny, files, tmp_path), "--method", "lora", "--max-steps", "2"])
     s = _check_lm_run(tmp_path / "sft-lora-s0", 2)
@@ -229,3 +230,21 @@ def test_arith_on_real_smollm2_few_steps(tmp_path):
     assert 0.5 < s["final_metrics"]["perplexity"] < 50  # a pretrained model, not a random one
     samples = _lines(tmp_path / "arith-lora-s0" / "samples.jsonl")
     assert len(samples) == 8 and all(x["prompt"].startswith("<|im_start|>system") for x in samples)
+
+
+def test_llm_task_options():
+    """Per-task defaults fill only unset options; the classification defaults are unchanged."""
+    from experiments import cli
+
+    a = cli.parse_args(["--task", "arith"])
+    assert (a.batch_size, a.epochs, a.max_train_examples, cli.max_length_for(a, "arith")) == (4, 1, 400, 104)
+    a = cli.parse_args(["--task", "arith", "--batch-size", "8", "--epochs", "3"])
+    assert (a.batch_size, a.epochs) == (8, 3)
+    a = cli.parse_args([])
+    assert (a.batch_size, a.epochs, a.max_train_examples, a.grad_accum) == (16, 2, None, 1)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--task", "sft"])  # no --data-files
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--task", "arith,bbc"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--task", "arith", "--grad-accum", "0"])
