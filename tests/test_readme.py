@@ -32,3 +32,18 @@ def test_readme_qwix_example_runs(capsys):
     exec(compile(_block("qwix"), "README.md", "exec"), {"__name__": "readme_qwix"})
     out = capsys.readouterr().out
     assert "qwix QLoRA + LoRA-Pro: loss" in out, out
+
+
+@pytest.mark.slow  # loads the real SmolLM2 GGUF file and its tokenizer (~40 s on 2 CPU cores)
+@pytest.mark.timeout(300)
+def test_readme_generate_example_runs(capsys):
+    pytest.importorskip("gguf")
+    from lorapro_jax.models import smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    exec(compile(_block("generate"), "README.md", "exec"), {"__name__": "readme_generate"})
+    out = capsys.readouterr().out
+    assert "17 + 25 = 32." in out and "<|im_end|>" in out, out

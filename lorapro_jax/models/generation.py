@@ -1,6 +1,6 @@
 """Batched autoregressive generation for causal LMs with a key/value cache.
 
-One jitted program per (model structure, batch, prompt length, settings): a prefill over the whole
+One jitted program per (model structure, batch, prompt length, kind of decoding): a prefill over the whole
 left-padded prompt fills a preallocated :class:`~lorapro_jax.models.llama.KVCache`, then a
 ``lax.while_loop`` feeds one token per step (static shapes throughout) and stops as soon as every row
 has produced its end-of-sequence token. Padding never leaks into the result: padded slots are masked
@@ -57,10 +57,15 @@ def sample_logits(
         temperature: ``0`` for greedy, else the softmax temperature.
         top_p: nucleus mass in ``(0, 1]``.
     """
-    if temperature == 0.0:
+    return _pick(logits, key, float(temperature) == 0.0, float(top_p) < 1.0, temperature, top_p)
+
+
+def _pick(logits: Array, key: Array | None, greedy: bool, nucleus: bool, temperature: Any, top_p: Any) -> Array:
+    """:func:`sample_logits` with the branches static and ``temperature`` / ``top_p`` possibly traced."""
+    if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits.astype(jnp.float32) / temperature
-    if top_p < 1.0:
+    if nucleus:
         ordered = jnp.sort(scaled, axis=-1)[..., ::-1]
         probs = jax.nn.softmax(ordered, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
@@ -69,26 +74,34 @@ def sample_logits(
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
-def _is_eos(tokens: Array, eos: tuple[int, ...]) -> Array:
-    if not eos:
-        return jnp.zeros(tokens.shape, bool)
-    return jnp.any(tokens[..., None] == jnp.asarray(eos, tokens.dtype), axis=-1)
+def _is_eos(tokens: Array, eos: Array) -> Array:
+    return jnp.any(tokens[..., None] == eos, axis=-1)  # False for an empty ``eos``
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "eos"))
-def _generate(graphdef, state, input_ids, attention_mask, rng, *, max_new_tokens, temperature, top_p, eos):
-    model = nnx.merge(graphdef, state)
-    model.eval()  # LoRA dropout off, no input statistics updated (this copy only)
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "nucleus"))
+def _generate(graphdef, state, input_ids, attention_mask, rng, temperature, top_p, eos, *, max_new_tokens,
+              greedy, nucleus):
+    def merged() -> Any:
+        # Built afresh at each trace level (prefill, loop body): NNX transforms inside the model
+        # (nnx.scan over stacked layers) refuse variables created at an outer level.
+        model = nnx.merge(graphdef, state, copy=True)
+        model.eval()  # LoRA dropout off, no input statistics updated (this copy only)
+        return model
+
+    def pick(logits, key):
+        return _pick(logits, key, greedy, nucleus, temperature, top_p)
+
     batch, prompt = input_ids.shape
     mask = attention_mask.astype(jnp.int32)
     kv_mask = jnp.concatenate([mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    model = merged()
     cache = model.init_cache(batch, prompt + max_new_tokens)
     logits, cache = model.decode(input_ids, positions, kv_mask, cache, 0)
     start = jnp.sum(mask, axis=1)  # position of the first generated token
-    pad = eos[0] if eos else 0
+    pad = eos[0] if eos.shape[0] else jnp.int32(0)
     key, sub = jax.random.split(rng)
-    first = sample_logits(logits, sub, temperature, top_p)
+    first = pick(logits, sub)
     done = _is_eos(first, eos)
     tokens = jnp.full((batch, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
     lengths = jnp.where(done, 1, max_new_tokens).astype(jnp.int32)
@@ -100,9 +113,9 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, *, max_new_tokens
     def body(carry):
         step, last, tokens, done, lengths, cache, key = carry
         pos = (start + step - 1)[:, None]
-        logits, cache = model.decode(last[:, None], pos, kv_mask, cache, prompt + step - 1)
+        logits, cache = merged().decode(last[:, None], pos, kv_mask, cache, prompt + step - 1)
         key, sub = jax.random.split(key)
-        new = jnp.where(done, pad, sample_logits(logits, sub, temperature, top_p))
+        new = jnp.where(done, pad, pick(logits, sub))
         tokens = jax.lax.dynamic_update_slice(tokens, new[:, None], (0, step))
         ended = jnp.logical_and(jnp.logical_not(done), _is_eos(new, eos))
         lengths = jnp.where(ended, step + 1, lengths)
@@ -154,8 +167,9 @@ def generate(
     Greedy for ``temperature == 0`` (the argmax of the next-token logits, exactly what a plain loop
     over the full forward does), else temperature / nucleus (``top_p``) sampling
     (:func:`sample_logits`). A row stops at its first ``eos_token_id``; the loop stops when every row
-    has. Compiled once per model structure, ``(batch, prompt)`` shape, ``max_new_tokens`` and
-    settings, so repeated calls with same-shaped batches (e.g. an evaluation set bucketed to a fixed
+    has. Compiled once per model structure, ``(batch, prompt)`` shape, ``max_new_tokens``, number of
+    EOS ids and kind of decoding (greedy / sampling / nucleus sampling; the temperature, ``top_p`` and
+    EOS values are runtime inputs), so repeated calls with same-shaped batches (e.g. an evaluation set bucketed to a fixed
     prompt length) reuse the program. The model is run in eval mode (no dropout); it is not modified.
 
     Args:
@@ -187,4 +201,5 @@ def generate(
     graphdef, state = nnx.split(model)
     rng = jax.random.key(0) if rng is None else rng
     return _generate(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), rng,
-                     max_new_tokens=int(max_new_tokens), temperature=temperature, top_p=top_p, eos=eos)
+                     jnp.float32(max(temperature, 1e-30)), jnp.float32(top_p), jnp.asarray(eos, jnp.int32),
+                     max_new_tokens=int(max_new_tokens), greedy=temperature == 0.0, nucleus=top_p < 1.0)
