@@ -20,7 +20,9 @@ __all__ = [
     "DEFAULT_MAX_LENGTH",
     "DEFAULT_METHODS",
     "LORA_PRO_FORMS",
+    "LLM_TASKS",
     "METHODS",
+    "TASK_DEFAULTS",
     "METHOD_VARIANTS",
     "TASK_MAX_LENGTH",
     "add_run_arguments",
@@ -69,8 +71,21 @@ DEFAULT_FULL_LR = 1e-4
 #: articles are cut to their headline and first sentence (32 tokens) so that the embedded default (three runs)
 #: stays within 3 minutes on a 2-core CPU; at 64 tokens it took 3 min 38 s (idle 2-core CPU) for
 #: similar test accuracies (LoRA / LoRA-Pro / full: 74.5 / 91.0 / 93.4 % at 64 tokens, 74.5 / 91.5 / 92.5 % at 32).
-TASK_MAX_LENGTH: dict[str, int] = {"bbc": 32}
+TASK_MAX_LENGTH: dict[str, int] = {"bbc": 32, "arith": 104, "sft": 512}
 DEFAULT_MAX_LENGTH = 128
+
+#: The causal-LM (instruction-tuning) tasks: ``sft`` (your files) and ``arith`` (embedded); see
+#: :mod:`experiments.lm_tasks`. Their default ``--model`` is SmolLM2-135M-Instruct (GGUF).
+LLM_TASKS: tuple[str, ...] = ("sft", "arith")
+
+#: Option values of a task when the command line and the config leave them unset (else the global defaults
+#: in :data:`_GLOBAL_DEFAULTS`). ``arith`` is sized for a few minutes on a 2-core CPU: 400 training problems,
+#: one epoch of batches of 4 (100 steps).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "arith": {"batch_size": 4, "epochs": 1, "max_train_examples": 400},
+    "sft": {"batch_size": 4, "epochs": 1},
+}
+_GLOBAL_DEFAULTS: dict[str, Any] = {"batch_size": 16, "epochs": 2}
 
 
 def max_length_for(args: argparse.Namespace, task: str) -> int:
@@ -136,13 +151,15 @@ def _run_group(p: argparse.ArgumentParser) -> None:
 def _data_group(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None,
-                   help="local Hugging Face checkpoint directory (default: the installed all-MiniLM-L6-v2)")
+                   help="local Hugging Face checkpoint directory, or a GGUF file (default: the installed "
+                        "all-MiniLM-L6-v2; SmolLM2-135M-Instruct GGUF for --task sft / arith)")
     g.add_argument("--task", default="bbc",
-                   help="bbc; local (your own labelled files, see --data-files); or glue:<task> (cola, sst2, mrpc, "
-                        "qqp, stsb, mnli, qnli, rte); comma-separated for several")
+                   help="bbc; local (your own labelled files, see --data-files); glue:<task> (cola, sst2, mrpc, "
+                        "qqp, stsb, mnli, qnli, rte); or a causal-LM task: sft (your instruction files) or arith "
+                        "(embedded arithmetic word problems); comma-separated for several")
     g.add_argument("--data-files", default=None,
                    help="local files 'train=PATH,validation=PATH[,test=PATH]' (csv/tsv/jsonl/parquet) for --task "
-                        "local (without test, validation is also the final split) and glue:<task>; a config may "
+                        "local / sft (without test, validation is also the final split) and glue:<task>; a config may "
                         "give {task: {split: path}} (default: none; bbc and glue read installed data)")
     g.add_argument("--text-column", default="text", help="--task local: the column holding the text")
     g.add_argument("--text-pair-column", default=None,
@@ -162,23 +179,55 @@ def _data_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-length", type=int, default=None,
                    help=f"tokens per example, longer texts truncated (default: {TASK_MAX_LENGTH['bbc']} for bbc, the "
                         "headline and first sentence, which keeps the no-argument run quick; "
-                        f"{DEFAULT_MAX_LENGTH} otherwise)")
+                        f"{TASK_MAX_LENGTH['arith']} for arith, {TASK_MAX_LENGTH['sft']} for sft (longer examples "
+                        f"are dropped, see --on-overflow); {DEFAULT_MAX_LENGTH} otherwise)")
     g.add_argument("--max-per-class", type=int, default=40,
                    help="bbc: training articles per class (from the seeded 80%% train split)")
     g.add_argument("--eval-max-per-class", type=int, default=None,
                    help="bbc: cap on validation / test articles per class (default: no cap, ~42 per class)")
     g.add_argument("--max-train-examples", type=int, default=None,
-                   help="glue: seeded subsample of the train split (default: all)")
+                   help="glue: seeded subsample of the train split; sft / arith: its first N examples (default: all; "
+                        "400 for arith)")
     g.add_argument("--max-eval-examples", type=int, default=None,
-                   help="glue: seeded subsample of the eval split (default: all)")
+                   help="glue: seeded subsample of the eval split; sft / arith: the first N of each evaluation "
+                        "split (default: all)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the data split / subsampling (fixed over seeds)")
+
+
+def _instruction_group(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("instruction data and generation (--task sft / arith)")
+    g.add_argument("--prompt-column", default="prompt",
+                   help="sft: the field holding the prompt; comma-separated names: the first one a record has "
+                        "(query,question reads MetaMathQA and GSM8K files)")
+    g.add_argument("--response-column", default="response",
+                   help="sft: the field holding the response; comma-separated names as for --prompt-column "
+                        "(response,answer for MetaMathQA and GSM8K)")
+    g.add_argument("--messages-column", default="messages",
+                   help="sft: the field holding a chat ([{role, content}, ...], the last turn the assistant's "
+                        "response), used for records that have it instead of a prompt field")
+    g.add_argument("--no-chat-template", action="store_true",
+                   help="feed the raw prompt text (the turns' contents joined by blank lines) instead of applying "
+                        "the tokenizer's chat template")
+    g.add_argument("--prompt-template", default=None,
+                   help="without a chat template: a text with {prompt} that each raw prompt is put into, e.g. the "
+                        "Alpaca template of MetaMathQA (default: the raw prompt alone)")
+    g.add_argument("--on-overflow", choices=("drop", "error"), default="drop",
+                   help="an example longer than --max-length (prompt + response + EOS) is never cut: drop it "
+                        "(each split reports the count and the rows) or stop with an error")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens generated per answer in evaluation (default: 40 for arith, 256 for sft)")
 
 
 def _training_group(p: argparse.ArgumentParser, *, with_lr: bool) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=2, help="passes over the training split")
-    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
-    g.add_argument("--batch-size", type=int, default=16, help="training examples per step")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="passes over the training split (default: 2; 1 for sft / arith)")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many batches (0: all epochs)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="training examples per batch (default: 16; 4 for sft / arith)")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="batches whose gradients are averaged into one optimizer update (optax.MultiSteps): "
+                        "the effective batch is grad-accum x batch-size; the schedule counts updates")
     g.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation batch")
     if with_lr:
         g.add_argument("--lr", type=float, default=None,
@@ -262,6 +311,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, with_lr: bool = True) -> ar
     """Add every single-run option (run, data, training, LoRA, PRILoRA / ALoRA groups) to ``p``."""
     _run_group(p)
     _data_group(p)
+    _instruction_group(p)
     _training_group(p, with_lr=with_lr)
     _lora_group(p)
     _rank_group(p)
@@ -331,15 +381,26 @@ def _check_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     from lorapro_jax.data import get_glue_task
 
     for t in args.tasks:
-        if t not in ("bbc", "local") and not t.startswith("glue:"):
-            parser.error(f"--task: expected 'bbc', 'local' or 'glue:<task>', got {t!r}")
-        if t == "local" and not args.data_files:
-            parser.error("--task local needs --data-files train=PATH,validation=PATH[,test=PATH]")
+        if t not in ("bbc", "local") + LLM_TASKS and not t.startswith("glue:"):
+            parser.error(f"--task: expected 'bbc', 'local', 'glue:<task>', 'sft' or 'arith', got {t!r}")
+        if t in ("local", "sft") and not args.data_files:
+            parser.error(f"--task {t} needs --data-files train=PATH,validation=PATH[,test=PATH]")
         if t.startswith("glue:"):
             try:
                 get_glue_task(t.split(":", 1)[1])
             except ValueError as e:
                 parser.error(f"--task: {e}")
+    llm = [t for t in args.tasks if t in LLM_TASKS]
+    if llm and len(llm) != len(args.tasks):
+        parser.error(f"--task: causal-LM tasks {llm} and classification tasks cannot share one invocation")
+
+
+def _fill_task_defaults(args: argparse.Namespace) -> None:
+    """Options left unset take the first task's :data:`TASK_DEFAULTS`, else :data:`_GLOBAL_DEFAULTS`."""
+    task = TASK_DEFAULTS.get(args.tasks[0], {}) if args.tasks else {}
+    for key in set(task) | set(_GLOBAL_DEFAULTS):
+        if getattr(args, key, None) is None:
+            setattr(args, key, task.get(key, _GLOBAL_DEFAULTS.get(key)))
 
 
 def finish_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -355,6 +416,7 @@ def finish_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ar
         parser.error(str(e))
     args.tasks = args.task if isinstance(args.task, list) else csv_list(args.task)
     _check_tasks(parser, args)
+    _fill_task_defaults(args)
     if args.resume and not args.checkpoint_dir:
         parser.error("--resume needs --checkpoint-dir")
     if args.lora_pro_form == "full":
@@ -362,8 +424,8 @@ def finish_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ar
         warnings.warn("--lora-pro-form full is deprecated: it names LoRA-Pro's AdamW form, not full fine-tuning "
                       "(--method full); use --lora-pro-form adamw", FutureWarning, stacklevel=2)
         args.lora_pro_form = "adamw"
-    if args.epochs < 1 or args.batch_size < 1 or args.rank < 1:
-        parser.error("--epochs, --batch-size and --rank must be positive")
+    if args.epochs < 1 or args.batch_size < 1 or args.rank < 1 or args.grad_accum < 1:
+        parser.error("--epochs, --batch-size, --grad-accum and --rank must be positive")
     if not 0.0 <= args.warmup_ratio < 1.0:
         parser.error(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     return args

@@ -65,7 +65,7 @@ def export_run(
         saved = [head] if head is not None and not args.no_train_head else None
         out["peft"] = str(ex.save_peft_adapter(
             target, Path(args.export_peft) / name, base_model_name_or_path=str(model_dir(args)),
-            task_type="SEQ_2_SEQ_LM" if arch == "t5-seq2seq" else "SEQ_CLS", use_rslora=rslora,
+            task_type={"t5-seq2seq": "SEQ_2_SEQ_LM", "llama-lm": "CAUSAL_LM"}.get(arch, "SEQ_CLS"), use_rslora=rslora,
             modules_to_save=saved,
         ))
         if head is not None and saved is None:

@@ -50,6 +50,7 @@ __all__ = [
     "lr_schedule",
     "lr_shape",
     "make_tx",
+    "optimizer_steps",
     "peak_lr",
     "setup_method",
     "warmup_steps",
@@ -65,6 +66,11 @@ __all__ = [
 def warmup_steps(warmup_ratio: float, total: int) -> int:
     """``ceil(warmup_ratio x total)`` warm-up steps (0 when the ratio is 0)."""
     return int(math.ceil(warmup_ratio * total)) if warmup_ratio > 0 else 0
+
+
+def optimizer_steps(total: int, grad_accum: int = 1) -> int:
+    """Optimizer updates in ``total`` batches when gradients are accumulated over ``grad_accum`` batches."""
+    return -(-int(total) // max(1, int(grad_accum)))
 
 
 def lr_shape(schedule: str, warmup_ratio: float, total: int) -> optax.Schedule:
@@ -161,22 +167,31 @@ def make_tx(
 ) -> optax.GradientTransformation:
     """The optax optimizer of ``method`` (clipping of the raw gradients first when ``--clip-norm``).
 
-    Either with a ``schedule`` (the learning rate as a function of the step), or with ``total`` steps and
-    a :class:`PeakLr`: then the peak is a traced value of the state (:func:`with_traced_peak_lr`) and the
-    schedule's shape comes from ``--schedule`` / ``--warmup-ratio``.
+    Either with a ``schedule`` (the learning rate as a function of the optimizer update), or with ``total``
+    batches and a :class:`PeakLr`: then the peak is a traced value of the state (:func:`with_traced_peak_lr`)
+    and the schedule's shape comes from ``--schedule`` / ``--warmup-ratio`` over the
+    :func:`optimizer_steps` of ``total``.
+
+    With ``--grad-accum K > 1`` the whole chain is wrapped in ``optax.MultiSteps``: the gradients of ``K``
+    consecutive batches are averaged, then clipped and applied as one update (parameters and the inner state
+    change every ``K``-th call only), so the effective batch is ``K x --batch-size``.
     """
     build = _method_optimizer(args, method)
+    k = max(1, int(getattr(args, "grad_accum", 1) or 1))
     if schedule is not None:
         tx = build(schedule)
     else:
         if total is None or peak is None:
             raise ValueError("make_tx: give a schedule, or total steps and a PeakLr")
-        tx = with_traced_peak_lr(build, lr_shape(args.schedule, args.warmup_ratio, total), peak)
+        tx = with_traced_peak_lr(build, lr_shape(args.schedule, args.warmup_ratio, optimizer_steps(total, k)), peak)
     if args.clip_norm and args.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(args.clip_norm), tx)
     # The one non-finite guard, around everything: clipping, the traced peak lr's step count and the optimizer
     # (so a skipped step leaves the schedule where it was); the aliases above are built with on_nonfinite="ignore".
-    return lp.guard_nonfinite(tx, args.on_nonfinite, max_consecutive_skips=args.max_consecutive_skips, name=method)
+    tx = lp.guard_nonfinite(tx, args.on_nonfinite, max_consecutive_skips=args.max_consecutive_skips, name=method)
+    if k > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
+    return tx
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,20 +19,72 @@ from flax import nnx
 
 from .cli import csv_list
 
-__all__ = ["HEADS", "arch_of", "fresh_copy", "load_base_model", "lora_targets", "model_dir", "model_type_of"]
+__all__ = [
+    "HEADS",
+    "arch_of",
+    "fresh_copy",
+    "gguf_file_of",
+    "load_base_model",
+    "load_model_tokenizer",
+    "lora_targets",
+    "model_dir",
+    "model_type_of",
+]
 
 
 def model_dir(args: argparse.Namespace) -> Path:
-    """``--model``, or the installed all-MiniLM-L6-v2 directory."""
+    """``--model``, or the default model of the task: SmolLM2-135M-Instruct (GGUF) for the causal-LM tasks,
+    else the installed all-MiniLM-L6-v2 directory."""
     if args.model:
         return Path(args.model)
+    from .cli import LLM_TASKS
+
+    tasks = getattr(args, "tasks", None) or [getattr(args, "task", "")]
+    if tasks and all(t in LLM_TASKS for t in tasks):
+        return _smollm2_path()
     from lorapro_jax.models import minilm_path
 
     return minilm_path()
 
 
+def _smollm2_path() -> Path:
+    from lorapro_jax.models import smollm2_path
+
+    try:
+        return smollm2_path()
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+
+
+def gguf_file_of(path: Path) -> Path | None:
+    """The GGUF file ``path`` names or holds (:func:`lorapro_jax.models.find_gguf`), else None."""
+    from lorapro_jax.models import find_gguf
+
+    try:
+        return find_gguf(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--model {path}: {e}") from None
+
+
+def load_model_tokenizer(path: Path) -> Any:
+    """The tokenizer of a checkpoint folder, or the one stored in a GGUF file (vocabulary and chat template)."""
+    gguf = gguf_file_of(path)
+    if gguf is None:
+        from lorapro_jax.data import load_tokenizer
+
+        return load_tokenizer(path)
+    from lorapro_jax.models import gguf_tokenizer
+
+    return gguf_tokenizer(gguf)
+
+
 def model_type_of(path: Path) -> str:
-    """``model_type`` of the checkpoint's ``config.json``."""
+    """``model_type`` of the checkpoint's ``config.json`` (``general.architecture`` of a GGUF file)."""
+    gguf = gguf_file_of(path)
+    if gguf is not None:
+        from lorapro_jax.models import gguf_config
+
+        return getattr(gguf_config(gguf), "model_type", "")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise SystemExit(f"--model {path}: no config.json (expected a local Hugging Face checkpoint directory)")
@@ -54,14 +106,15 @@ def arch_of(model_type: str, head: str) -> str:
     raise SystemExit(f"model_type {model_type!r} is not supported (bert, t5, llama)")
 
 
-#: The trainable head attribute of each architecture (None: the LM head of T5, frozen).
-HEADS = {"bert": "classifier", "t5-cls": "classifier", "llama": "score", "t5-seq2seq": None}
+#: The trainable head attribute of each architecture (None: the LM head of T5 / Llama, trained only by full FT).
+HEADS = {"bert": "classifier", "t5-cls": "classifier", "llama": "score", "t5-seq2seq": None, "llama-lm": None}
 
 
 def load_base_model(path: Path, arch: str, num_labels: int, args: argparse.Namespace) -> nnx.Module:
-    """Load the pretrained checkpoint with a fresh head (no LoRA yet)."""
+    """Load the pretrained checkpoint with a fresh head (no LoRA yet; a causal LM keeps its LM head)."""
     from lorapro_jax.models import (
         BertForSequenceClassification,
+        LlamaForCausalLM,
         LlamaForSequenceClassification,
         T5EncoderForSequenceClassification,
         T5ForConditionalGeneration,
@@ -76,6 +129,8 @@ def load_base_model(path: Path, arch: str, num_labels: int, args: argparse.Names
         cls, kw = T5EncoderForSequenceClassification, dict(num_labels=num_labels)
     elif arch == "llama":
         cls, kw = LlamaForSequenceClassification, dict(num_labels=num_labels)
+    elif arch == "llama-lm":
+        cls = LlamaForCausalLM
     else:
         cls = T5ForConditionalGeneration
     return load_pretrained(cls, path, dtype=dtype, rngs=nnx.Rngs(0), **kw)

@@ -16,7 +16,10 @@ Each run writes ``<out-dir>/<run-name>/``:
   "grad_norm", "step_time_s", "compiled"}`` per step, ``{"type": "eval", "step", "epoch", "split",
   <metrics>}`` per evaluation, ``{"type": "event", ...}`` for PRILoRA pruning / ALoRA reallocation.
 * ``predictions.npz``: the final split's per-example ``scores`` ``(N, C)``, ``labels`` ``(N,)`` and dataset
-  ``index`` ``(N,)`` (what ``experiments.sweep`` bootstraps over).
+  ``index`` ``(N,)`` (what ``experiments.sweep`` bootstraps over; for causal-LM tasks ``scores`` is ``(N, 1)``,
+  1.0 where the generated answer is an exact match, and ``labels`` are ones).
+* ``samples.jsonl`` (causal-LM tasks): every evaluation's generations, one line per example
+  (``step``, ``split``, ``prompt``, ``reference``, ``generation``, extracted answers, ``correct``).
 * ``summary.json`` (written last: a run is finished when it exists): final metrics, train loss (mean over
   the last epoch, and the last step's), trainable parameters, wall time, settings.
 """
@@ -39,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 import lorapro_jax as lp
-from lorapro_jax.data import BucketedBatcher, load_tokenizer
+from lorapro_jax.data import BucketedBatcher
 
 from . import alignment
 from .cli import resolve_method
@@ -52,14 +55,17 @@ from .methods import (
     count_trainable,
     lr_shape,
     make_tx,
+    optimizer_steps,
     peak_lr,
     setup_method,
     warmup_steps,
 )
+from .lm_tasks import is_llm_task
 from .modeling import (
     arch_of,
     fresh_copy,
     load_base_model,
+    load_model_tokenizer,
     lora_targets,
     model_dir,
     model_type_of,
@@ -91,9 +97,15 @@ def open_session(args: argparse.Namespace, task_name: str, tokenizer: Any = None
     """Tokenise ``task_name`` and load the pretrained model (with a fresh head) once for all its runs."""
     path = model_dir(args)
     model_type = model_type_of(path)
-    head = args.head if args.head != "auto" else ("seq2seq" if model_type == "t5" else "classifier")
-    arch = arch_of(model_type, head)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
+    if is_llm_task(task_name):
+        if model_type != "llama":
+            raise SystemExit(f"--task {task_name} fine-tunes a causal LM: --model must be a Llama-family checkpoint "
+                             f"(safetensors folder or GGUF file), got model_type {model_type!r} at {path}")
+        arch = "llama-lm"
+    else:
+        head = args.head if args.head != "auto" else ("seq2seq" if model_type == "t5" else "classifier")
+        arch = arch_of(model_type, head)
+    tokenizer = tokenizer if tokenizer is not None else load_model_tokenizer(path)
     task = load_task(args, task_name, tokenizer, seq2seq=(arch == "t5-seq2seq"))
     spec = build_spec(args, task, arch, tokenizer, path)
     print(f"[{task_name}] train {len(task.train)} examples, "
@@ -187,8 +199,14 @@ class _Run:
     def task(self) -> TaskData:
         return self.session.task
 
+    @property
+    def accum(self) -> int:
+        """Batches per optimizer update (``--grad-accum``)."""
+        return max(1, int(getattr(self.args, "grad_accum", 1) or 1))
+
     def lr_at(self, count: int) -> float:
-        return self.peak * float(self.shape(count))
+        """The learning rate of batch ``count`` (0-based): that of its optimizer update."""
+        return self.peak * float(self.shape(count // self.accum))
 
 
 def _optimizer(s: Session, method: str, total: int, peak: float) -> tuple[Any, Any]:
@@ -197,7 +215,8 @@ def _optimizer(s: Session, method: str, total: int, peak: float) -> tuple[Any, A
     if key not in s.tx_cache:
         holder = PeakLr()
         base, margs = resolve_method(method, s.args)
-        s.tx_cache[key] = (lr_shape(margs.schedule, margs.warmup_ratio, total),
+        updates = optimizer_steps(total, getattr(margs, "grad_accum", 1))
+        s.tx_cache[key] = (lr_shape(margs.schedule, margs.warmup_ratio, updates),
                            make_tx(margs, base, total=total, peak=holder), holder)
     shape, tx, holder = s.tx_cache[key]
     holder.value = peak  # read by tx.init when the optimizer is created
@@ -253,10 +272,13 @@ def _restore(r: _Run) -> None:
 
 def _open_outputs(r: _Run) -> None:
     r.log = _Jsonl(r.run_dir / "metrics.jsonl", append=r.resumed)
+    if not r.resumed and (r.run_dir / "samples.jsonl").is_file():
+        (r.run_dir / "samples.jsonl").unlink()  # a fresh run: the generations of an earlier one are stale
     if not r.resumed:
         r.log.write({"type": "config", "task": r.task.name, "method": r.method, "seed": r.seed, "steps": r.total,
                      "steps_per_epoch": r.steps_per_epoch, "peak_lr": r.peak, "max_length": r.task.max_length,
-                     "warmup_steps": warmup_steps(r.args.warmup_ratio, r.total), **r.mstate.info})
+                     "warmup_steps": warmup_steps(r.args.warmup_ratio, optimizer_steps(r.total, r.accum)),
+                     "grad_accum": r.accum, **r.mstate.info})
     if not r.args.no_progress:
         from tqdm.auto import tqdm
 
@@ -269,11 +291,22 @@ def _say(r: _Run, text: str) -> None:
         r.progress.set_postfix_str(text, refresh=True)
 
 
+def _write_samples(r: _Run, epoch: int, split: str, samples: list[dict]) -> None:
+    """Append one evaluation's generations to ``samples.jsonl`` (one line per example)."""
+    with open(r.run_dir / "samples.jsonl", "a") as f:
+        for rec in samples:
+            f.write(json.dumps({"step": r.step, "epoch": epoch, "split": split, **rec}) + "\n")
+
+
 def _evaluate(r: _Run, epoch: int, split: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     data = r.task.evals[split]
     _say(r, f"evaluating on {split} ({len(data)} examples)...")
     preds: dict[str, Any] = {}
-    m = evaluate(r.model, data, r.session.spec, r.task, r.args.eval_batch_size, predictions=preds)
+    samples: list[dict] | None = [] if r.session.spec.kind == "causal-lm" else None
+    lm = {"samples": samples, "progress": not r.args.no_progress} if samples is not None else {}
+    m = evaluate(r.model, data, r.session.spec, r.task, r.args.eval_batch_size, predictions=preds, **lm)
+    if samples is not None:
+        _write_samples(r, epoch, split, samples)
     r.log.write({"type": "eval", "step": r.step, "epoch": epoch, "split": split, **m})
     value = m.get(r.task.primary_metric)
     _say(r, f"{split} {r.task.primary_metric} {float(value):.4f}" if value is not None else f"{split} evaluated")
@@ -388,7 +421,9 @@ def _summary(r: _Run, final: dict[str, float], exports: dict[str, str]) -> dict[
     return {
         "run": r.name, "task": task.name, "method": r.method, "seed": r.seed, "model": str(model_dir(args)),
         "steps": r.step, "epochs": args.epochs, "train_examples": len(task.train), "max_length": task.max_length,
-        "peak_lr": r.peak, "lr_schedule": args.schedule, "warmup_steps": warmup_steps(args.warmup_ratio, r.total),
+        "peak_lr": r.peak, "lr_schedule": args.schedule,
+        "warmup_steps": warmup_steps(args.warmup_ratio, optimizer_steps(r.total, r.accum)),
+        "grad_accum": r.accum, "optimizer_updates": optimizer_steps(r.step, r.accum),
         "base_method": r.base, "rank": None if r.base == "full" else args.rank,
         "trainable_params": count_trainable(r.model, r.mstate.wrt),
         "final_split": task.final_split, "final_metrics": final, "primary_metric": task.primary_metric,

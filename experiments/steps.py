@@ -22,6 +22,7 @@ from .tasks import TaskData, TaskSpec
 
 __all__ = [
     "batch_loss",
+    "causal_lm_nll",
     "device_batch",
     "eval_step",
     "evaluate",
@@ -35,7 +36,7 @@ __all__ = [
 def _forward(model: nnx.Module, batch: dict[str, jax.Array], spec: TaskSpec, decoder_input_ids=None) -> jax.Array:
     if spec.arch == "bert":
         return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-    if spec.arch in ("t5-cls", "llama"):
+    if spec.arch in ("t5-cls", "llama", "llama-lm"):
         return model(batch["input_ids"], batch["attention_mask"])
     return model(batch["input_ids"], decoder_input_ids, batch["attention_mask"])
 
@@ -51,8 +52,23 @@ def _target_logprob(model, batch, spec: TaskSpec, targets: jax.Array, mask: jax.
     return jnp.sum(tok * mask, axis=-1)
 
 
+def causal_lm_nll(model: nnx.Module, batch: dict[str, jax.Array], spec: TaskSpec) -> tuple[jax.Array, jax.Array]:
+    """Next-token NLL ``(B, L-1)`` of tokens ``1..L-1`` and their loss weights ``(B, L-1)``.
+
+    The weight of target token ``t`` is ``loss_mask[:, t] * weight`` (response tokens of real rows; prompt,
+    padding and filler rows weigh 0). The logits are computed in the model's dtype and the loss in float32.
+    """
+    logits = _forward(model, batch, spec)[:, :-1].astype(jnp.float32)  # (B, L-1, V)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["input_ids"][:, 1:])
+    w = batch["loss_mask"][:, 1:].astype(jnp.float32) * batch["weight"].astype(jnp.float32)[:, None]
+    return nll, w
+
+
 def example_losses(model: nnx.Module, batch: dict[str, jax.Array], spec: TaskSpec) -> jax.Array:
-    """Per-example loss ``(B,)``: cross-entropy, squared error, or mean target-token NLL (seq2seq)."""
+    """Per-example loss ``(B,)``: cross-entropy, squared error, or mean target-token NLL (seq2seq, causal LM)."""
+    if spec.kind == "causal-lm":
+        nll, w = causal_lm_nll(model, batch, spec)
+        return jnp.sum(nll * w, axis=-1) / jnp.maximum(jnp.sum(w, axis=-1), 1.0)
     labels = batch["labels"]
     if spec.kind == "seq2seq":
         table = jnp.asarray(spec.targets, jnp.int32)
@@ -68,7 +84,11 @@ def example_losses(model: nnx.Module, batch: dict[str, jax.Array], spec: TaskSpe
 
 
 def batch_loss(model: nnx.Module, batch: dict[str, jax.Array], spec: TaskSpec) -> jax.Array:
-    """Weighted mean of :func:`example_losses` (filler rows have weight 0)."""
+    """Weighted mean of :func:`example_losses` (filler rows have weight 0); for a causal LM the mean NLL over
+    the batch's response tokens (every target token weighs the same, as in Hugging Face's trainers)."""
+    if spec.kind == "causal-lm":
+        nll, w = causal_lm_nll(model, batch, spec)
+        return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
     w = batch["weight"].astype(jnp.float32)
     return jnp.sum(w * example_losses(model, batch, spec)) / jnp.maximum(jnp.sum(w), 1.0)
 
@@ -126,9 +146,16 @@ def predict(model: nnx.Module, data: EncodedDataset, spec: TaskSpec, batch_size:
 
 def evaluate(
     model: nnx.Module, data: EncodedDataset, spec: TaskSpec, task: TaskData, batch_size: int,
-    predictions: dict[str, Any] | None = None,
+    predictions: dict[str, Any] | None = None, **lm_options: Any,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``data``; with a dict ``predictions``, also fills it with :func:`predict`'s arrays."""
+    """Metrics of ``model`` on ``data``; with a dict ``predictions``, also fills it with :func:`predict`'s arrays.
+
+    A causal-LM task is scored by :func:`experiments.lm_eval.evaluate_lm` (``lm_options`` go there).
+    """
+    if spec.kind == "causal-lm":
+        from .lm_eval import evaluate_lm
+
+        return evaluate_lm(model, data, spec, task, batch_size, predictions=predictions, **lm_options)
     out = predict(model, data, spec, batch_size)
     if predictions is not None:
         predictions.update(out)

@@ -285,6 +285,8 @@ def load_run(runs_dir: Path, spec: RunSpec) -> dict[str, Any]:
 def _metric_fn(task: str, metric: str) -> sweep_stats.Metric:
     if metric == "accuracy":
         return sweep_stats.accuracy_metric
+    if metric == "exact_match":  # causal-LM tasks: per-example correctness in scores[:, 0]
+        return sweep_stats.exact_match_metric
     if task.startswith("glue:"):
         from lorapro_jax.data import compute_glue_metrics
 

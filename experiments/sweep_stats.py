@@ -27,6 +27,7 @@ import numpy as np
 
 __all__ = [
     "accuracy_metric",
+    "exact_match_metric",
     "bootstrap_difference",
     "bootstrap_interval",
     "mean_std",
@@ -40,6 +41,12 @@ Metric = Callable[[np.ndarray, np.ndarray], float]
 def accuracy_metric(scores: np.ndarray, labels: np.ndarray) -> float:
     """Accuracy of ``argmax(scores, -1)`` ``(n, C)`` against ``labels`` ``(n,)``."""
     return float(np.mean(np.argmax(scores, -1) == labels))
+
+
+def exact_match_metric(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Exact match of generated answers: ``scores`` ``(n, 1)`` is 1.0 where the answer is right (labels unused;
+    causal-LM runs write ones)."""
+    return float(np.mean(np.asarray(scores)[:, 0] > 0.5))
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:

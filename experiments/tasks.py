@@ -4,6 +4,7 @@
 * ``glue:<task>``: a GLUE task (installed ``datasets`` cache, or ``--data-files``).
 * ``local``: the user's labelled files, ``--data-files train=PATH,validation=PATH[,test=PATH]`` with
   ``--text-column`` / ``--label-column`` (csv / tsv / jsonl / parquet; string or integer labels).
+* ``sft`` / ``arith``: causal-LM instruction tuning (:mod:`experiments.lm_tasks`).
 
 The validation split is evaluated during training (``eval_split``); the final metrics are on ``test`` when there
 is one (``final_split``), otherwise on validation.
@@ -42,8 +43,8 @@ class TaskSpec:
     """Static description of the prediction head; a static argument of the jitted steps.
 
     Attributes:
-        arch: ``"bert"``, ``"t5-cls"``, ``"t5-seq2seq"`` or ``"llama"`` (which call signature).
-        kind: ``"classification"``, ``"regression"`` or ``"seq2seq"``.
+        arch: ``"bert"``, ``"t5-cls"``, ``"t5-seq2seq"``, ``"llama"`` (classifier) or ``"llama-lm"`` (causal LM).
+        kind: ``"classification"``, ``"regression"``, ``"seq2seq"`` or ``"causal-lm"``.
         num_labels: number of classes (1 for regression).
         targets: seq2seq only: per class, the target token ids padded with ``pad_id`` ``(C, T)``.
         target_mask: seq2seq only: 1 on real target tokens ``(C, T)``.
@@ -70,7 +71,9 @@ class TaskData:
     label_names: tuple[str, ...]
     is_regression: bool
     primary_metric: str
-    max_length: int  # tokens per example (longer texts truncated)
+    max_length: int  # tokens per example (longer texts truncated; causal-LM tasks drop and report them)
+    tokenizer: Any = None  # causal-LM tasks: decodes the generated answers
+    max_new_tokens: int = 0  # causal-LM tasks: tokens generated per answer
 
     def metrics(self, scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> dict[str, float]:
         """Metrics of predictions ``scores`` ``(N, C)`` (or ``(N, 1)`` regression) against ``labels``."""
@@ -124,14 +127,14 @@ LOCAL_SPLITS = ("train", "validation", "test")
 
 
 def _local_files(args: argparse.Namespace, task: str) -> dict[str, str]:
-    """``--data-files`` of ``--task local``, checked: train and validation given, files exist."""
+    """``--data-files`` of ``--task local`` / ``sft``, checked: train and validation given, files exist."""
     files = _data_files(args, task) or {}
     unknown = sorted(set(files) - set(LOCAL_SPLITS))
     if unknown:
         raise SystemExit(f"--data-files: unknown split(s) {unknown}; expected train, validation and optionally test")
     for split in ("train", "validation"):
         if split not in files:
-            raise SystemExit(f"--data-files: --task local needs a {split}=PATH file (got {sorted(files)})")
+            raise SystemExit(f"--data-files: --task {task} needs a {split}=PATH file (got {sorted(files)})")
     for split, path in files.items():
         if not Path(path).is_file():
             raise SystemExit(f"--data-files {split}={path}: file not found")
@@ -242,6 +245,10 @@ def _raw_glue(args: argparse.Namespace, task: str, template: str | None) -> _Raw
 
 def load_task(args: argparse.Namespace, task: str, tokenizer: Any, seq2seq: bool) -> TaskData:
     """Load, subsample and tokenise the train and evaluation splits of ``task``."""
+    from .lm_tasks import is_llm_task, load_lm_task
+
+    if is_llm_task(task):
+        return load_lm_task(args, task, tokenizer)
     template = _per_task(args.prompt, task)
     if task == "bbc":
         r = _raw_bbc(args, template)
@@ -293,6 +300,8 @@ def seq2seq_targets(tokenizer: Any, words: Sequence[str]) -> tuple[tuple[tuple[i
 
 def build_spec(args: argparse.Namespace, task: TaskData, arch: str, tokenizer: Any, model_dir: Path) -> TaskSpec:
     """The :class:`TaskSpec` of ``task`` for a model of architecture ``arch`` (label words for seq2seq)."""
+    if arch == "llama-lm":
+        return TaskSpec(arch, "causal-lm", 0)
     if arch != "t5-seq2seq":
         return TaskSpec(arch, "regression" if task.is_regression else "classification", task.num_labels)
     words = _per_task(args.label_words, task.name)

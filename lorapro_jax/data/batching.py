@@ -271,12 +271,15 @@ class BucketedBatcher:
     * ``token_type_ids``: ``(B, L)`` int32 (only if the tokenizer produces them);
     * ``labels``: ``(B,)`` int32 (float32 for regression), 0 on filler rows;
     * ``weight``: ``(B,)`` float32, 1 for real examples, 0 for filler rows;
-    * ``index``: ``(B,)`` int32 row of the example in the dataset, -1 for filler rows.
+    * ``index``: ``(B,)`` int32 row of the example in the dataset, -1 for filler rows;
+    * ``loss_mask``: ``(B, L)`` float32, only for datasets with per-token ``loss_masks``
+      (:class:`~lorapro_jax.data.sft.SftDataset`): 1 on the tokens the next-token loss predicts.
 
     Args:
         encoded: The tokenised dataset.
         batch_size: Rows per batch (every batch has exactly this many).
-        buckets: Increasing bucket lengths; default ``bucket_lengths(encoded.max_length)``.
+        buckets: Increasing bucket lengths; default ``encoded.buckets`` when the dataset has them, else
+            ``bucket_lengths(encoded.max_length)``.
             Pass ``(max_length,)`` for a single shape.
         shuffle: Shuffle examples within buckets and batches across buckets, per epoch.
         seed: Base seed; epoch ``e`` uses ``numpy.random.default_rng([seed, e])``.
@@ -293,8 +296,8 @@ class BucketedBatcher:
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if buckets is None:
-            buckets = bucket_lengths(encoded.max_length)
+        if buckets is None:  # a dataset may carry its own (e.g. SftDataset.buckets)
+            buckets = getattr(encoded, "buckets", None) or bucket_lengths(encoded.max_length)
         buckets = tuple(int(b) for b in buckets)
         if not buckets or any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:])):
             raise ValueError(f"buckets must be non-empty and strictly increasing: {buckets}")
@@ -385,6 +388,12 @@ class BucketedBatcher:
             batch["token_type_ids"] = tt
         batch["labels"] = labels
         batch["weight"] = weight
+        if getattr(enc, "loss_masks", None) is not None:  # per-token targets (SftDataset), 0 on padding / fillers
+            loss_mask = np.zeros((b, length), dtype=np.float32)
+            for r, i in enumerate(rows):
+                if i >= 0:
+                    loss_mask[r, : enc.loss_masks[i].size] = enc.loss_masks[i]
+            batch["loss_mask"] = loss_mask
         batch["index"] = rows.astype(np.int32)
         return batch
 

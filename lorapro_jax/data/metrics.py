@@ -1,10 +1,15 @@
-"""Classification and regression metrics in plain NumPy.
+"""Classification, regression and generation metrics in plain NumPy / Python.
 
 These are the metrics used by the GLUE benchmark (accuracy, binary F1, Matthews correlation,
 Pearson and Spearman correlation). They take host arrays (NumPy or anything ``np.asarray``
 accepts, including JAX arrays) and return Python floats, so they can be called on gathered
 predictions at the end of an evaluation loop without any extra dependency (no scikit-learn or
 SciPy needed).
+
+Generation metrics (:func:`extract_answer`, :func:`exact_match`, :func:`perplexity`) score generated text
+the GSM8K way: the answer is the number after the last ``####`` (the GSM8K reference format), else the last
+number in the text; numbers are compared after :func:`normalize_number` (thousands commas, ``$``, a leading
+``+`` and trailing decimal zeros removed: ``"1,000.50"`` -> ``"1000.5"``, ``"42.0"`` -> ``"42"``).
 
 Conventions follow scikit-learn / SciPy where a quantity is undefined: F1 and Matthews
 correlation return ``0.0`` when their denominator is zero; Pearson and Spearman return
@@ -13,12 +18,20 @@ correlation return ``0.0`` when their denominator is zero; Pearson and Spearman 
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import numpy as np
 
 __all__ = [
     "accuracy",
+    "exact_match",
+    "extract_answer",
+    "normalize_number",
+    "perplexity",
     "f1_score",
     "matthews_corrcoef",
     "pearson_corr",
@@ -168,3 +181,74 @@ def spearman_corr(predictions: Any, labels: Any) -> float:
     """
     p, y = _check_pair(predictions, labels)
     return pearson_corr(rankdata(p), rankdata(y))
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation metrics
+# ----------------------------------------------------------------------------------------------
+
+# a sign only where it cannot be a binary operator ("5-3" holds 5 and 3; "x = -3" holds -3)
+_NUMBER = re.compile(r"(?:(?<![\w.)])[-+])?\$?\d[\d,]*(?:\.\d+)?")
+
+
+def normalize_number(text: str) -> str | None:
+    """Canonical form of a number written in ``text`` (``None`` if it is not one).
+
+    Removes ``$``, spaces, thousands commas and a leading ``+``; drops trailing decimal zeros and a trailing
+    ``.``; ``-0`` is ``0``. Examples: ``"1,234"`` -> ``"1234"``, ``"$5.50"`` -> ``"5.5"``, ``"42.0"`` -> ``"42"``.
+    """
+    s = text.strip().replace("$", "").replace(",", "").replace(" ", "").rstrip(".")
+    s = s[1:] if s.startswith("+") else s
+    try:
+        d = Decimal(s)
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    out = format(d.normalize(), "f")
+    if "." in out:
+        out = out.rstrip("0").rstrip(".")
+    return "0" if out in ("-0", "") else out
+
+
+def extract_answer(text: str) -> str | None:
+    """The final numeric answer of a generated or reference solution, normalised (``None`` if there is none).
+
+    The first number after the last ``####`` when the text has one (GSM8K), else the last number in the text.
+    """
+    if "####" in text:
+        found = _NUMBER.findall(text.rsplit("####", 1)[1])
+        if found:
+            return normalize_number(found[0])
+    found = _NUMBER.findall(text)
+    return normalize_number(found[-1]) if found else None
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> list[bool]:
+    """Per-example exact match of generated texts against reference solutions.
+
+    Where the reference holds a number, the extracted answers (:func:`extract_answer`) must be equal; a
+    prediction without a number is wrong. Where it holds none, the stripped texts must be equal.
+
+    Returns:
+        One bool per example (``mean`` of it is the exact-match score).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    out = []
+    for p, r in zip(predictions, references):
+        ref = extract_answer(r)
+        out.append(p.strip() == r.strip() if ref is None else extract_answer(p) == ref)
+    return out
+
+
+def perplexity(nll_sum: float, tokens: float) -> float:
+    """``exp(nll_sum / tokens)``: the perplexity of a masked next-token loss summed over ``tokens`` targets.
+
+    Returns:
+        ``inf`` when the mean loss overflows ``exp``; raises for ``tokens <= 0``.
+    """
+    if tokens <= 0:
+        raise ValueError("perplexity needs at least one target token")
+    mean = float(nll_sum) / float(tokens)
+    return math.exp(mean) if mean < 709.0 else math.inf
