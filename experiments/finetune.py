@@ -44,8 +44,10 @@ from .methods import (
     lora_config,
     lr_schedule,
     make_tx,
+    TUNED_LRS_SOURCE,
     peak_lr,
     setup_method,
+    tuned_lr,
 )
 from .modeling import fresh_copy, load_base_model
 from .runner import open_session, run, run_single  # run: defined there, so run.__globals__ is the loop's module
@@ -99,17 +101,32 @@ def full_lr_follows_lr(args: argparse.Namespace) -> bool:
 
 
 def lr_note(args: argparse.Namespace, methods: Sequence[str]) -> str:
-    """One line saying which peak learning rates were used and that they were not tuned per method."""
-    parts = []
+    """One line saying which peak learning rates were used and where each came from."""
+    tasks = getattr(args, "tasks", None) or [None]
+    parts, any_fixed, any_tuned = [], False, False
     for m in methods:
-        lr = peak_lr(args, m)
-        if m == "full" and full_lr_follows_lr(args):
-            parts.append(f"{m} {lr:g} (from --lr: no --full-lr given)")
-            continue
-        given = (args.full_lr is not None or args.lr is not None) if m == "full" else args.lr is not None
-        parts.append(f"{m} {lr:g}{'' if given else ' (default)'}")
-    return ("learning rates: " + ", ".join(parts) + " — fixed, not tuned per method "
-            "(python -m experiments.sweep tunes each method's lr on the validation split)")
+        for task in tasks:
+            lr = peak_lr(args, m, task)
+            where = f"{m} {lr:g}" if len(tasks) == 1 else f"{m} on {task} {lr:g}"
+            if tuned_lr(args, m, task) is not None:
+                parts.append(f"{where} (tuned)")
+                any_tuned = True
+                continue
+            any_fixed = True
+            if m == "full" and full_lr_follows_lr(args):
+                parts.append(f"{where} (from --lr: no --full-lr given)")
+                continue
+            given = (args.full_lr is not None or args.lr is not None) if m == "full" else args.lr is not None
+            parts.append(f"{where}{'' if given else ' (default)'}")
+    notes = []
+    if any_tuned:
+        notes.append(f"tuned: chosen per method on the validation split by the sweep in {TUNED_LRS_SOURCE}")
+    if any_fixed:
+        notes.append("the others fixed, not tuned per method (python -m experiments.sweep tunes each method's lr "
+                     "on the validation split)" if any_tuned else
+                     "fixed, not tuned per method (python -m experiments.sweep tunes each method's lr on the "
+                     "validation split)")
+    return "learning rates: " + ", ".join(parts) + " — " + "; ".join(notes)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

@@ -96,8 +96,34 @@ def lr_schedule(args: argparse.Namespace, peak: float, total: int) -> optax.Sche
     return lambda count: peak * shape(count)
 
 
-def peak_lr(args: argparse.Namespace, method: str) -> float:
-    """``--lr`` (LoRA methods) / ``--full-lr`` (full fine-tuning), or their defaults."""
+#: Peak lr per method of the embedded default task, each chosen on the validation split by the shipped sweep
+#: (:data:`TUNED_LRS_SOURCE`: 4-point grids, seed 0, then 3 seeds). Used for that task when neither ``--lr``
+#: nor ``--full-lr`` is given; every other method and task falls back to ``DEFAULT_LR`` / ``DEFAULT_FULL_LR``.
+TUNED_LRS: dict[str, dict[str, float]] = {"bbc": {"lora": 1e-2, "lora-pro": 3e-3, "full": 3e-4}}
+TUNED_LRS_SOURCE = "docs/data/bbc_default_sweep_results.md"
+
+
+def tuned_lr(args: argparse.Namespace, method: str, task: str | None) -> float | None:
+    """The lr of :data:`TUNED_LRS` for ``(task, method)`` when the run uses the swept settings, else ``None``.
+
+    The sweep tuned ``lora`` (not rsLoRA), ``lora-pro`` in its AdamW form and ``full`` with no lr given on the
+    command line; a variant (``lora-pro-lean``, ``rslora``) or an explicit ``--lr`` / ``--full-lr`` gets none.
+    """
+    if task is None or getattr(args, "lr", None) is not None or getattr(args, "full_lr", None) is not None:
+        return None
+    if (method == "lora" and getattr(args, "rslora", False)) or (
+        method == "lora-pro" and getattr(args, "lora_pro_form", "adamw") != "adamw"
+    ):
+        return None
+    return TUNED_LRS.get(task, {}).get(method)
+
+
+def peak_lr(args: argparse.Namespace, method: str, task: str | None = None) -> float:
+    """``--lr`` (LoRA methods) / ``--full-lr`` (full fine-tuning), else the tuned lr of :func:`tuned_lr`
+    for ``task``, else the defaults."""
+    tuned = tuned_lr(args, method, task)
+    if tuned is not None:
+        return tuned
     if method == "full":
         if getattr(args, "full_lr", None) is not None:
             return float(args.full_lr)

@@ -87,6 +87,7 @@ class Session:
     model_type: str
     tx_cache: dict = dataclasses.field(default_factory=dict)  # (method, total) -> (shape, tx, PeakLr)
     compiled: set = dataclasses.field(default_factory=set)  # (method, total, batch shape) already compiled
+    task_name: str | None = None  # the --task name (selects the tuned default lrs of methods.TUNED_LRS)
 
     @property
     def model_dir(self) -> Path:
@@ -112,7 +113,7 @@ def open_session(args: argparse.Namespace, task_name: str, tokenizer: Any = None
           + ", ".join(f"{k} {len(v)}" for k, v in task.evals.items())
           + f"; model {path} ({arch})", file=sys.stderr)
     base = load_base_model(path, arch, task.num_labels, args)
-    return Session(args, task, spec, base, model_type)
+    return Session(args, task, spec, base, model_type, task_name=task_name)
 
 
 def run_name(args: argparse.Namespace, task_name: str, method: str, seed: int) -> str:
@@ -233,7 +234,7 @@ def _build(s: Session, method: str, seed: int, lr: float | None, name: str, out_
     model = fresh_copy(s.base, s.spec.arch, seed)
     mstate = setup_method(model, args, base, s.spec, s.task, s.model_type, seed, total)
     model.train()
-    peak = float(lr) if lr is not None else peak_lr(args, base)
+    peak = float(lr) if lr is not None else peak_lr(args, method, s.task_name)
     shape, tx = _optimizer(s, method, total, peak)
     opt = lp.LoraOptimizer(model, tx, wrt=mstate.wrt)  # keeps LoraPair-valued Adam moments
     run_dir = out_dir / name

@@ -237,3 +237,25 @@ def test_full_lr_following_lr_is_said(capsys):
     assert not finetune.full_lr_follows_lr(args) and methods.peak_lr(args, "full") == 1e-4
     note = finetune.lr_note(args, args.methods)
     assert "full 0.0001" in note and "from --lr" not in note
+
+
+def test_default_task_uses_the_swept_lrs_and_says_so():
+    """With no lr given, lora / lora-pro / full on bbc train at the lrs the shipped sweep chose on validation."""
+    from experiments import finetune
+
+    swept = Path(__file__).resolve().parents[1] / methods.TUNED_LRS_SOURCE
+    text = swept.read_text()
+    # the table's chosen lrs, read from the shipped results file (not from the code under test)
+    chosen = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in text.splitlines()
+              if line.startswith("| lora |") or line.startswith("| lora-pro |") or line.startswith("| full |")}
+    args = cli.parse_args([])
+    assert {m: methods.peak_lr(args, m, "bbc") for m in args.methods} == chosen
+    note = finetune.lr_note(args, args.methods)
+    assert "(tuned)" in note and methods.TUNED_LRS_SOURCE in note
+    # variants, other tasks and an explicit --lr fall back to the fixed defaults
+    assert methods.peak_lr(args, "lora-pro-lean", "bbc") == cli.DEFAULT_LR
+    assert methods.peak_lr(args, "lora", "local") == cli.DEFAULT_LR
+    lean = cli.resolve_method("lora-pro-lean", args)[1]
+    assert methods.peak_lr(lean, "lora-pro", "bbc") == cli.DEFAULT_LR
+    given = cli.parse_args(["--lr", "5e-4"])
+    assert methods.peak_lr(given, "lora", "bbc") == 5e-4 and methods.peak_lr(given, "full", "bbc") == 5e-4
