@@ -122,10 +122,8 @@ def lr_note(args: argparse.Namespace, methods: Sequence[str]) -> str:
     if any_tuned:
         notes.append(f"tuned: chosen per method on the validation split by the sweep in {TUNED_LRS_SOURCE}")
     if any_fixed:
-        notes.append("the others fixed, not tuned per method (python -m experiments.sweep tunes each method's lr "
-                     "on the validation split)" if any_tuned else
-                     "fixed, not tuned per method (python -m experiments.sweep tunes each method's lr on the "
-                     "validation split)")
+        notes.append(("the others " if any_tuned else "") + "fixed, not tuned per method (python -m experiments.sweep "
+                     "tunes each method's lr on the validation split)")
     return "learning rates: " + ", ".join(parts) + " — " + "; ".join(notes)
 
 
