@@ -7,7 +7,7 @@
   (:mod:`lorapro_jax.data.sft`); the chat template of the model's tokenizer is applied unless
   ``--no-chat-template``.
 * ``arith``: the generated multi-step arithmetic word problems of :mod:`lorapro_jax.data.arith` (seed
-  ``--data-seed``; 2000 train / 100 validation / 300 test).
+  ``--data-seed``; 2000 train / 100 validation / 200 test).
 
 Both train the masked next-token loss on the response tokens only and are scored by greedy generation:
 ``exact_match`` (the validation metric ``experiments.sweep`` tunes the lr on), plus the loss and perplexity of

@@ -41,9 +41,8 @@ from .llama import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     LlamaModel,
-    apply_rotary,
-    rope_inv_freq,
 )
+from .rope import apply_rotary, rope_inv_freq
 from .hf_names import CheckpointKeyError, hf_param_names, hf_stacked_prefixes, save_hf_checkpoint, to_hf_state_dict
 from .loading import MODEL_REGISTRY, load_pretrained, read_safetensors, resolve_model_class
 from .t5 import (
