@@ -45,7 +45,7 @@ from lorapro_jax.models import (  # noqa: E402
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(1)
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.xdist_group("smollm2_torch")]
 
 RTOL = 3e-5
 NEW = 24
