@@ -191,28 +191,43 @@ def _enable_compile_cache(args: argparse.Namespace) -> None:
 
 
 def _run_specs(args: argparse.Namespace, specs: Sequence[RunSpec], runs_dir: Path) -> None:
-    """Run ``specs`` in this process (one session: the data and model load once); failures -> failed.json."""
-    from .runner import open_session, run_single
+    """Run ``specs`` in this process (one session: the data and model load once); failures -> failed.json.
+
+    The session and its compiled programs are released on return, so the second stage of a ``--jobs 1`` sweep
+    (the other seeds) does not hold two loaded models and two sets of programs at once.
+    """
+    from .runner import open_session
 
     _enable_compile_cache(args)
     session = open_session(args, args.tasks[0])
     previous = None
-    for method, lr, seed in sorted(specs):  # grouped by method: one compiled step per method
-        if previous is not None and method != previous:
-            _release_compiled()
-        previous = method
-        name = run_dir_name(method, lr, seed)
-        t0 = time.perf_counter()
-        try:
-            s = run_single(session, method, seed, lr, name=name, out_dir=runs_dir)
-            val = s["last_eval_metrics"].get(s["primary_metric"])
-            print(f"[sweep] {name}: validation {s['primary_metric']} {val:.4f}, {s['wall_time_s']:.1f} s", flush=True)
-        except (Exception, SystemExit) as e:  # noqa: BLE001 - a diverged lr is a result of the sweep, not its end
-            (runs_dir / name).mkdir(parents=True, exist_ok=True)
-            (runs_dir / name / "failed.json").write_text(json.dumps(
-                {"method": method, "lr": lr, "seed": seed, "error": f"{type(e).__name__}: {e}",
-                 "wall_time_s": time.perf_counter() - t0}, indent=2))
-            print(f"[sweep] {name}: FAILED ({type(e).__name__}: {e})", flush=True)
+    try:
+        for spec in sorted(specs):  # grouped by method: one compiled step per method
+            if previous is not None and spec.method != previous:
+                _release_compiled()
+            previous = spec.method
+            _run_one(session, spec, runs_dir)
+    finally:
+        del session
+        _release_compiled()
+
+
+def _run_one(session: Any, spec: RunSpec, runs_dir: Path) -> None:
+    from .runner import run_single
+
+    method, lr, seed = spec
+    name = run_dir_name(method, lr, seed)
+    t0 = time.perf_counter()
+    try:
+        s = run_single(session, method, seed, lr, name=name, out_dir=runs_dir)
+        val = s["last_eval_metrics"].get(s["primary_metric"])
+        print(f"[sweep] {name}: validation {s['primary_metric']} {val:.4f}, {s['wall_time_s']:.1f} s", flush=True)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - a diverged lr is a result of the sweep, not its end
+        (runs_dir / name).mkdir(parents=True, exist_ok=True)
+        (runs_dir / name / "failed.json").write_text(json.dumps(
+            {"method": method, "lr": lr, "seed": seed, "error": f"{type(e).__name__}: {e}",
+             "wall_time_s": time.perf_counter() - t0}, indent=2))
+        print(f"[sweep] {name}: FAILED ({type(e).__name__}: {e})", flush=True)
 
 
 def _release_compiled() -> None:
